@@ -1,0 +1,89 @@
+"""`astarpo values | train | eval | quickstart`: every config field is a flag, and `--config FILE.yaml` sets many."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+
+from .config import ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
+from .data import DataError
+from .rewards import RewardError
+from .trainer import TrainError
+from .values import ValuesError
+
+COMMANDS = {
+    "values": (ValuesConfig, "Stage 1: sample N responses per prompt from the reference model, store the rewards"),
+    "train": (TrainConfig, "Stage 2: train the policy by regressing onto the optimal advantage"),
+    "eval": (EvalConfig, "accuracy (greedy pass@1, avg@k) and KL to the reference on a prompt set"),
+}
+# One-line errors for what the user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, RewardError, TrainError, ValuesError, FileNotFoundError, KeyError)
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="astarpo", description="A*-PO: policy optimization via optimal advantage "
+                                                            "regression (arXiv 2505.20686)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (cls, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--config", help="YAML file of settings (flags override it)")
+        _add_fields(sp, cls)
+    qs = sub.add_parser("quickstart", help="the whole pipeline on the built-in default model and task")
+    qs.add_argument("--output-dir", default="runs/quickstart")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(parser().parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="astarpo: %(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    command = args.pop("command")
+    try:
+        if command == "quickstart":
+            from .quickstart import quickstart
+
+            summary = quickstart(args["output_dir"])
+            print(json.dumps(summary, indent=1))
+            return 0
+        cfg = build(COMMANDS[command][0], args.pop("config", None), **args)
+        if command == "values":
+            from .values import compute_values
+
+            print(compute_values(cfg))
+        elif command == "train":
+            from .trainer import Trainer
+
+            trainer = Trainer(cfg)
+            metrics = trainer.train()
+            print(json.dumps(metrics))
+        else:
+            from .evaluate import run_eval
+
+            result = run_eval(cfg)
+            print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"astarpo: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Typed configs for each command. Every field is a CLI flag (``--max-new-tokens``) and a YAML key
+(``max_new_tokens``); the CLI wins over the YAML file, which wins over the defaults below."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .models import DEFAULT_MODEL
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or unknown; the message names it."""
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass
+class CommonConfig:
+    """Settings shared by Stage 1, Stage 2 and evaluation: model, prompts, reward and sampling."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id, local directory, .gguf file, or "
+                                                                 f"{DEFAULT_MODEL!r}"})
+    data: str = field(default="arithmetic", metadata={"help": "built-in task, .jsonl/.parquet file, or HF dataset"})
+    split: str = "train"
+    limit: int | None = field(default=None, metadata={"help": "use only the first LIMIT prompts"})
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    reward: str = field(default="arithmetic", metadata={"help": "registered reward name"})
+    use_chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"})
+    max_prompt_tokens: int = 256
+    on_long_prompt: str = field(default="error", metadata={"help": "error | skip (counted, logged)"})
+    on_reward_error: str = field(default="raise", metadata={
+        "help": "raise | skip: a reward that raises or returns NaN stops the run, or its samples are dropped"})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    generation_batch_size: int = field(default=64, metadata={"help": "sequences per generate() call"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (weights)"})
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "max_prompt_tokens", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _choice("on_long_prompt", self.on_long_prompt, ("error", "skip"))
+        _choice("on_reward_error", self.on_reward_error, ("raise", "skip"))
+        _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class ValuesConfig(CommonConfig):
+    """Stage 1: N reference samples per prompt, every reward stored."""
+
+    n: int = field(default=8, metadata={"help": "samples per prompt"})
+    output: str = "values.parquet"
+    shard_size: int = field(default=64, metadata={"help": "prompts per shard (the unit of resume)"})
+    save_responses: bool = field(default=False, metadata={"help": "store the response texts too"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n < 1:
+            raise ConfigError(f"n must be >= 1, got {self.n}")
+        if self.temperature == 0 and self.n > 1:
+            raise ConfigError("temperature 0 (greedy) gives the same response N times; V* needs sampling")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """Stage 2: one on-policy sample per prompt, least-squares regression onto the optimal advantage."""
+
+    values: str = field(default="values.parquet", metadata={"help": "Stage 1 output"})
+    output_dir: str = "runs/train"
+    beta1: float = field(default=0.5, metadata={"help": "V* temperature; inf gives the mean reward"})
+    beta2: float = field(default=1e-3, metadata={"help": "KL coefficient in the loss"})
+    n: int | None = field(default=None, metadata={"help": "use the first N stored samples for V* (default all)"})
+    filter_unsolved: bool = field(default=True, metadata={"help": "drop prompts whose N samples all fail"})
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = field(default=256, metadata={"help": "prompts per step (one rollout each)"})
+    mini_batch_size: int | None = field(default=None, metadata={"help": "prompts per optimizer update "
+                                                                         "(default: batch_size)"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward"})
+    steps: int | None = field(default=None, metadata={"help": "default: one pass over the prompts"})
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    eval_data: str | None = field(default=None, metadata={"help": "held-out prompts scored greedily during "
+                                                                  "training"})
+    eval_split: str = "test"
+    eval_limit: int | None = None
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta1 > 0:
+            raise ConfigError(f"beta1 must be > 0 (inf for the mean), got {self.beta1}")
+        if not (self.beta2 > 0 and math.isfinite(self.beta2)):
+            raise ConfigError(f"beta2 must be a positive number, got {self.beta2}")
+        if self.n is not None and self.n < 1:
+            raise ConfigError(f"n must be >= 1, got {self.n}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("batch_size", "micro_batch_size", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mini_batch_size is not None and not 1 <= self.mini_batch_size <= self.batch_size:
+            raise ConfigError(f"mini_batch_size must be in [1, batch_size={self.batch_size}], "
+                              f"got {self.mini_batch_size}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass
+class EvalConfig(CommonConfig):
+    """Accuracy (greedy pass@1, and avg@k / pass@k over k samples) and KL to the reference."""
+
+    split: str = "test"
+    output: str = "result.json"
+    k: int = field(default=1, metadata={"help": "sampled responses per prompt for avg@k (1: greedy only)"})
+    reference: str | None = field(default=None, metadata={"help": "model to measure KL against (default: the "
+                                                                   "reference recorded in a checkpoint)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML or CLI value into the field's type (so 'inf', '1e-6' and 'true' work everywhere)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in typing.get_args(tp):
+            return None
+        raise ConfigError(f"{name} cannot be empty")
+    base = args[0] if args else tp
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(value)
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {base.__name__}, got {value!r}") from None
+
+
+def build(cls: type, yaml_path: str | None = None, **overrides: Any) -> Any:
+    """A validated ``cls`` from defaults, then the YAML file, then ``overrides`` (e.g. parsed CLI flags)."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"{yaml_path}: no such config file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{yaml_path}: expected a mapping of settings")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
+                          f"known: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

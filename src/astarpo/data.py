@@ -1,0 +1,148 @@
+"""Prompt sets: load from a built-in task, jsonl, parquet or a Hugging Face dataset; normalize; tokenize.
+
+Every record leaves here as ``{"id": str, "prompt": str, "answer": str, **extra_columns}``; the extra columns
+are handed to the reward function untouched (TRL's convention).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The prompt set cannot be used as given; the message says what to change."""
+
+
+def load_records(
+    data: str,
+    split: str = "train",
+    limit: int | None = None,
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+) -> list[dict[str, Any]]:
+    """Load and validate a prompt set.
+
+    ``data`` is a built-in task name (``arithmetic``), a ``.jsonl``/``.json``/``.parquet`` file, or a Hugging
+    Face dataset name (read with ``datasets.load_dataset(data, split=split)``).
+    """
+    from .tasks import TASKS
+
+    if data in TASKS:
+        splits = TASKS[data]().splits()
+        if split not in splits:
+            raise DataError(f"task {data!r} has splits {sorted(splits)}, not {split!r}")
+        rows = splits[split]
+    elif data.endswith((".jsonl", ".json")):
+        rows = _read_jsonl(Path(data))
+    elif data.endswith(".parquet"):
+        if not Path(data).is_file():
+            raise DataError(f"{data}: no such file")
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(data).to_pylist()
+    elif Path(data).exists():
+        raise DataError(f"{data}: unsupported file type; give a .jsonl, .json or .parquet file")
+    else:
+        import datasets
+
+        try:
+            rows = list(datasets.load_dataset(data, split=split))
+        except Exception as e:  # hub or builder errors come in many types
+            raise DataError(f"could not load {data!r} as a built-in task, a file, or a Hugging Face dataset "
+                            f"(split {split!r}): {type(e).__name__}: {e}") from e
+    records = normalize(rows, source=data, prompt_column=prompt_column, answer_column=answer_column)
+    return records[:limit] if limit is not None else records
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def normalize(
+    rows: list[dict[str, Any]],
+    source: str = "data",
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+) -> list[dict[str, Any]]:
+    """Check columns, ids and prompts; return records with ``id``, ``prompt`` and ``answer`` as strings."""
+    if not rows:
+        raise DataError(f"{source}: the prompt set is empty")
+    cols = set(rows[0])
+    missing = [c for c in (prompt_column, answer_column) if c not in cols]
+    if missing:
+        hint = " or pass --prompt-column/--answer-column" if set(missing) & {"prompt", "answer"} else ""
+        raise DataError(f"{source}: missing column(s) {', '.join(missing)} (present: {', '.join(sorted(cols))}); "
+                        f"rename them{hint}")
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        rec = dict(row)
+        prompt = rec.pop(prompt_column, None)
+        answer = rec.pop(answer_column, None)
+        if not isinstance(prompt, str):
+            raise DataError(f"{source}: row {i}: {prompt_column!r} must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise DataError(f"{source}: row {i}: empty prompt; remove the row")
+        if answer is None or isinstance(answer, (dict, list)):
+            raise DataError(f"{source}: row {i}: {answer_column!r} must be a string or number, got {answer!r}")
+        rid = str(rec.pop("id", i))
+        if rid in seen:
+            raise DataError(f"{source}: duplicate id {rid!r}; ids must be unique (values are matched to prompts by id)")
+        seen.add(rid)
+        out.append({"id": rid, "prompt": prompt, "answer": str(answer), **rec})
+    return out
+
+
+def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool = True) -> str:
+    """The text the model sees: the tokenizer's chat template when it has one, else the prompt as is."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def encode_prompts(
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    max_prompt_tokens: int,
+    use_chat_template: bool = True,
+    on_long_prompt: str = "error",
+) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """Tokenize every prompt; prompts over ``max_prompt_tokens`` raise, or are dropped and counted."""
+    kept, ids, too_long = [], [], []
+    for rec in records:
+        text = format_prompt(tokenizer, rec["prompt"], use_chat_template)
+        toks = tokenizer(text, add_special_tokens=not use_chat_template or not tokenizer.chat_template)["input_ids"]
+        if len(toks) > max_prompt_tokens:
+            too_long.append((rec["id"], len(toks)))
+            continue
+        kept.append(rec)
+        ids.append(toks)
+    if too_long:
+        rid, n = too_long[0]
+        if on_long_prompt != "skip":
+            raise DataError(f"{len(too_long)} prompt(s) exceed max_prompt_tokens={max_prompt_tokens} "
+                            f"(first: {rid!r}, {n} tokens); raise --max-prompt-tokens or pass --on-long-prompt skip")
+        log.warning("skipped %d prompt(s) longer than %d tokens (first: %r, %d tokens)",
+                    len(too_long), max_prompt_tokens, rid, n)
+    if not kept:
+        raise DataError("no prompt left after dropping over-long prompts")
+    return kept, ids

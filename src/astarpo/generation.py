@@ -1,0 +1,152 @@
+"""Batched sampling and response log-probabilities.
+
+A response is the generated tokens up to and including the first EOS; anything generate() wrote after it
+(padding) is not part of it. A response that hit ``max_new_tokens`` without EOS is kept as truncated.
+Both Stage 1 and Stage 2 sample here, and the trainer scores responses with :func:`response_logprobs`, so the
+masks are defined once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """Sampled responses, one row per (prompt, sample)."""
+
+    prompt_index: list[int]  # which prompt (position in the caller's list) each row answers
+    prompt_tokens: list[list[int]]
+    response_tokens: list[list[int]]  # up to and including the first EOS
+    completions: list[str]  # decoded responses, special tokens removed
+    truncated: list[bool] = field(default_factory=list)  # hit max_new_tokens before EOS
+
+    def __len__(self) -> int:
+        return len(self.prompt_index)
+
+    def select(self, rows: list[int]) -> Rollout:
+        return Rollout([self.prompt_index[i] for i in rows], [self.prompt_tokens[i] for i in rows],
+                       [self.response_tokens[i] for i in rows], [self.completions[i] for i in rows],
+                       [self.truncated[i] for i in rows])
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.response_tokens]
+
+
+def collate(rollout: Rollout, pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Left-padded prompts followed by right-padded responses, with the masks the loss needs."""
+    P = max(len(p) for p in rollout.prompt_tokens)
+    R = max(1, max(len(r) for r in rollout.response_tokens))
+    B = len(rollout)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    response_mask = torch.zeros((B, R), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(rollout.prompt_tokens, rollout.response_tokens)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p)
+        attention_mask[i, P - len(p) : P + len(r)] = 1
+        if r:
+            input_ids[i, P : P + len(r)] = torch.tensor(r)
+            response_mask[i, : len(r)] = 1.0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+           "response_mask": response_mask}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def response_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token log pi(y_t | x, y_<t) at temperature 1, zero outside the response mask; shape [B, R].
+
+    Only the last R+1 positions' logits are materialised (``logits_to_keep``): with a 49k vocabulary the
+    prompt positions would otherwise dominate memory.
+    """
+    R = batch["response_mask"].shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = batch["input_ids"][:, -R:]
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return token_logp * batch["response_mask"]
+
+
+def _trim(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1], False
+    return tokens, True
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompt_tokens: list[list[int]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    eos: list[int],
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> Rollout:
+    """``n`` responses for each prompt (``temperature == 0`` means greedy, then ``n`` must be 1).
+
+    ``batch_size`` counts sequences per generate() call. Prompts are grouped by length so that little of a
+    batch is padding. ``progress`` is called with the number of sequences finished after each call.
+    """
+    from transformers import GenerationConfig
+
+    if temperature == 0 and n != 1:
+        raise ValueError("greedy decoding (temperature 0) gives one response per prompt; use n=1")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    gen_config = GenerationConfig(
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+        max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos, pad_token_id=pad_id)
+    per_call = max(1, batch_size // n)
+    order = sorted(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
+    rows: dict[int, list[tuple[list[int], bool]]] = {}
+    was_training = model.training
+    model.eval()
+    eos_set = set(eos)
+    for start in range(0, len(order), per_call):
+        idx = order[start : start + per_call]
+        P = max(len(prompt_tokens[i]) for i in idx)
+        input_ids = torch.full((len(idx), P), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(idx), P), dtype=torch.long)
+        for j, i in enumerate(idx):
+            input_ids[j, P - len(prompt_tokens[i]) :] = torch.tensor(prompt_tokens[i])
+            attention_mask[j, P - len(prompt_tokens[i]) :] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=gen_config)
+        gen = out[:, P:].tolist()
+        for j, i in enumerate(idx):
+            rows[i] = [_trim(g, eos_set) for g in gen[j * n : (j + 1) * n]]
+        if progress is not None:
+            progress(len(idx) * n)
+    model.train(was_training)
+    index = [i for i in range(len(prompt_tokens)) for _ in range(n)]
+    responses = [r for i in range(len(prompt_tokens)) for r in rows[i]]
+    tokens = [r for r, _ in responses]
+    return Rollout(prompt_index=index, prompt_tokens=[prompt_tokens[i] for i in index], response_tokens=tokens,
+                   completions=tokenizer.batch_decode(tokens, skip_special_tokens=True),
+                   truncated=[t for _, t in responses])
+
+
+@torch.no_grad()
+def sequence_logprobs(model: Any, rollout: Rollout, pad_id: int, micro_batch_size: int = 8) -> torch.Tensor:
+    """Summed response log-probs per row, without gradients (reference scoring, KL estimates); shape [B]."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(rollout), micro_batch_size):
+        rows = list(range(start, min(start + micro_batch_size, len(rollout))))
+        out.append(response_logprobs(model, collate(rollout.select(rows), pad_id, device)).sum(-1).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)

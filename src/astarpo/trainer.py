@@ -1,0 +1,279 @@
+"""Stage 2: on-policy least-squares regression onto the optimal advantage.
+
+Each step: one response per prompt from the current policy, its reward, the reference log-prob, then
+AdamW updates on
+
+    loss = mean_batch ( beta2 * [log pi(y|x) - log pi_ref(y|x)] - (r(x, y) - V*(x)) )^2
+
+with V* from Stage 1. No critic, no clipping, no group of samples. Checkpoints are Hugging Face model
+directories plus accelerate's optimizer and RNG state, so a killed run resumes where its last checkpoint was.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from . import rewards
+from .config import TrainConfig, to_dict
+from .data import encode_prompts, load_records
+from .evaluate import RUN_FILE, evaluate
+from .generation import collate, response_logprobs, sample, sequence_logprobs
+from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
+from .objectives import astarpo_loss
+from .values import check_provenance, load_v_star, read_values
+
+log = logging.getLogger(__name__)
+# Changing these between a run and its resume would make the resumed run a different experiment.
+_RUN_KEYS = ("model", "data", "split", "limit", "reward", "values", "beta1", "beta2", "n", "filter_unsolved",
+             "learning_rate", "weight_decay", "batch_size", "mini_batch_size", "micro_batch_size", "seed",
+             "temperature", "top_p", "max_new_tokens", "dtype", "use_chat_template")
+
+
+class TrainError(RuntimeError):
+    """Training cannot start as configured; the message says why and what to change."""
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated when on CUDA, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Stage 2 trainer. ``Trainer(cfg).train()`` runs (or resumes) the whole loop and returns the last metrics."""
+
+    def __init__(self, cfg: TrainConfig, reward: str | rewards.RewardFn | None = None) -> None:
+        self.cfg = cfg
+        self.reward_name, self.reward_fn = rewards.resolve(reward or cfg.reward)
+        self.out = Path(cfg.output_dir)
+        self._claim_run_dir()
+        tensorboard = importlib.util.find_spec("tensorboard") is not None
+        self.accelerator = Accelerator(log_with="tensorboard" if tensorboard else None, project_dir=self.out)
+        set_seed(cfg.seed)
+
+        self.model_dir = resolve_model(cfg.model)
+        self.ref_hash = content_hash(self.model_dir)
+        values = read_values(cfg.values)
+        check_provenance(values.provenance, {"reference_model": cfg.model, "reference_model_hash": self.ref_hash,
+                                             "reward": self.reward_name, "temperature": cfg.temperature,
+                                             "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                                             "use_chat_template": cfg.use_chat_template}, cfg.values)
+        self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
+        records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column)
+        records, prompt_ids = encode_prompts(self.tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
+                                             cfg.on_long_prompt)
+        keep, self.v_star, counts = load_v_star(values, [r["id"] for r in records], cfg.beta1, cfg.n,
+                                                cfg.filter_unsolved)
+        if not keep:
+            raise TrainError("no prompt left to train on: every prompt's Stage 1 samples all failed; use an easier "
+                             "task, a larger n in `astarpo values`, or --no-filter-unsolved")
+        log.info("training on %d prompts (%d dropped: all Stage 1 samples failed)", len(keep),
+                 counts["unsolved_dropped"])
+        self.records = [records[i] for i in keep]
+        self.prompt_ids = [prompt_ids[i] for i in keep]
+        self.unsolved_dropped = counts["unsolved_dropped"]
+        self.steps = cfg.steps or math.ceil(len(self.records) / cfg.batch_size)
+
+        policy = load_model(self.model_dir, cfg.dtype, cfg.trust_remote_code)
+        self.ref = load_model(self.model_dir, cfg.dtype, cfg.trust_remote_code).requires_grad_(False).eval()
+        self.ref.to(self.accelerator.device)
+        self.eos = eos_ids(policy, self.tokenizer)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+
+        self.eval_records: list[dict] = []
+        if cfg.eval_data:
+            ev = load_records(cfg.eval_data, cfg.eval_split, cfg.eval_limit, cfg.prompt_column, cfg.answer_column)
+            self.eval_records, self.eval_prompt_ids = encode_prompts(
+                self.tokenizer, ev, cfg.max_prompt_tokens, cfg.use_chat_template, cfg.on_long_prompt)
+        self._perms: dict[int, list[int]] = {}
+
+    # ----- run directory, checkpoints -------------------------------------------------------------------------
+    def _claim_run_dir(self) -> None:
+        """Refuse to mix two different runs in one output directory."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg_file = self.out / "train_config.json"
+        mine = {k: v for k, v in to_dict(self.cfg).items() if k in _RUN_KEYS}
+        if cfg_file.is_file():
+            old = {k: v for k, v in json.loads(cfg_file.read_text()).items() if k in _RUN_KEYS}
+            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in mine.items() if old.get(k) != v]
+            if diff:
+                raise TrainError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
+                                 "resume with the same settings or choose another --output-dir")
+        if not os.access(self.out, os.W_OK):
+            raise TrainError(f"{self.out} is not writable")
+        cfg_file.write_text(json.dumps(to_dict(self.cfg), indent=1))
+
+    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
+        # Write the policy as a Hugging Face directory instead of accelerate's bare state dict.
+        if self.accelerator.is_main_process:
+            for m in models:
+                self.accelerator.unwrap_model(m).save_pretrained(output_dir, safe_serialization=True)
+        weights.clear()
+
+    def _load_model_hook(self, models: list, input_dir: str) -> None:
+        while models:
+            m = self.accelerator.unwrap_model(models.pop())
+            m.load_state_dict(load_model(input_dir, self.cfg.dtype, self.cfg.trust_remote_code).state_dict())
+
+    def _write_run_file(self, directory: Path, step: int) -> None:
+        self.tokenizer.save_pretrained(directory)
+        (directory / RUN_FILE).write_text(json.dumps({
+            "reference_model": self.cfg.model, "reference_model_hash": self.ref_hash, "reward": self.reward_name,
+            "step": step, "beta1": self.cfg.beta1, "beta2": self.cfg.beta2}, indent=1))
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted((self.out / "checkpoints").glob("step-*"))
+
+    def save_checkpoint(self, step: int) -> Path:
+        final = self.out / "checkpoints" / f"step-{step:06d}"
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            self._write_run_file(tmp, step)
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _resume(self) -> int:
+        ckpts = self._checkpoints()
+        if not ckpts:
+            return 0
+        self.accelerator.load_state(str(ckpts[-1]))
+        step = json.loads((ckpts[-1] / "trainer_state.json").read_text())["step"]
+        log.info("resumed from %s (step %d)", ckpts[-1], step)
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file() and self.accelerator.is_main_process:  # drop lines logged after that checkpoint
+            keep = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+        return step
+
+    # ----- the loop ---------------------------------------------------------------------------------------------
+    def _batch(self, step: int) -> list[int]:
+        """Prompt positions for ``step``: consecutive slices of a fresh seeded permutation per epoch."""
+        P, B = len(self.records), self.cfg.batch_size
+        out = []
+        for i in range(step * B, (step + 1) * B):
+            epoch, pos = divmod(i, P)
+            if epoch not in self._perms:
+                g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+                self._perms[epoch] = torch.randperm(P, generator=g).tolist()
+            out.append(self._perms[epoch][pos])
+        return out
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        idx = self._batch(step)
+        policy = acc.unwrap_model(self.policy)
+        roll = sample(policy, self.tokenizer, [self.prompt_ids[i] for i in idx], 1, cfg.temperature, cfg.top_p,
+                      cfg.max_new_tokens, self.eos, cfg.generation_batch_size)
+        gen_seconds = time.perf_counter() - t0
+        extra = [c for c in self.records[0] if c not in ("id", "prompt")]
+        reward = torch.tensor(rewards.score(
+            self.reward_fn, [self.records[i]["prompt"] for i in idx], roll.completions,
+            {c: [self.records[i][c] for i in idx] for c in extra}, cfg.on_reward_error), dtype=torch.float32)
+        ok = (~reward.isnan()).nonzero().flatten().tolist()  # on_reward_error=skip: drop failed samples
+        if not ok:
+            raise TrainError(f"step {step}: the reward failed for every sample")
+        roll, reward = roll.select(ok), reward[ok]
+        v = self.v_star[[idx[i] for i in ok]].float()
+        pad = self.tokenizer.pad_token_id
+        ref_logp = sequence_logprobs(self.ref, roll, pad, cfg.micro_batch_size)
+
+        mini = cfg.mini_batch_size or cfg.batch_size
+        logp_all = torch.zeros(len(roll))
+        losses, grad_norms = [], []
+        self.policy.train()
+        for m0 in range(0, len(roll), mini):
+            rows = list(range(m0, min(m0 + mini, len(roll))))
+            self.optimizer.zero_grad(set_to_none=True)
+            for u0 in range(0, len(rows), cfg.micro_batch_size):
+                sub = rows[u0 : u0 + cfg.micro_batch_size]
+                batch = collate(roll.select(sub), pad, acc.device)
+                logp = response_logprobs(self.policy, batch).sum(-1).float().cpu()
+                loss = astarpo_loss(logp, ref_logp[sub], reward[sub], v[sub], cfg.beta2)
+                acc.backward(loss.sum() / len(rows))
+                logp_all[sub] = logp.detach()
+                losses.append(loss.detach())
+            grad_norms.append(float(acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)))
+            self.optimizer.step()
+        step_seconds = time.perf_counter() - t0
+        log_ratio = logp_all - ref_logp
+        n_tokens = sum(roll.lengths)
+        return {
+            "step": step + 1, "reward": float(reward.mean()), "v_star": float(v.mean()),
+            "advantage": float((reward - v).mean()), "loss": float(torch.cat(losses).mean()),
+            "log_ratio": float(log_ratio.mean()), "kl": float(log_ratio.mean()),
+            "response_length": n_tokens / len(roll), "truncated": sum(roll.truncated) / len(roll),
+            "grad_norm": sum(grad_norms) / len(grad_norms), "skipped_samples": len(idx) - len(ok),
+            "generation_seconds": round(gen_seconds, 3), "step_seconds": round(step_seconds, 3),
+            "tokens_per_second": n_tokens / step_seconds, "peak_memory_mb": round(peak_memory_mb(), 1),
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy accuracy on the held-out prompts (``eval_data``)."""
+        return evaluate(self.accelerator.unwrap_model(self.policy), self.tokenizer, self.eval_records,
+                        self.eval_prompt_ids, self.reward_fn, max_new_tokens=self.cfg.max_new_tokens,
+                        batch_size=self.cfg.generation_batch_size, on_reward_error=self.cfg.on_reward_error)
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) Stage 2; returns the last step's metrics. The final model lands in ``output_dir/final``."""
+        cfg = self.cfg
+        start = self._resume()
+        self.accelerator.init_trackers("astarpo", config={k: v for k, v in to_dict(cfg).items()
+                                                          if isinstance(v, (int, float, str, bool))})
+        if start == 0 and self.eval_records:
+            self._log({"step": 0, "eval_accuracy": self.evaluate()["accuracy"]})
+        metrics: dict[str, Any] = {}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(start, self.steps), initial=start, total=self.steps, desc="stage 2", dynamic_ncols=True,
+                   disable=not self.accelerator.is_main_process)
+        for step in bar:
+            metrics = self.train_step(step)
+            due = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == self.steps
+            if self.eval_records and due:
+                metrics["eval_accuracy"] = self.evaluate()["accuracy"]
+            self._log(metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}",
+                            s_per_step=f"{metrics['step_seconds']:.1f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == self.steps:
+                self.save_checkpoint(step + 1)
+        self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            final = self.out / "final"
+            self.accelerator.unwrap_model(self.policy).save_pretrained(final, safe_serialization=True)
+            self._write_run_file(final, self.steps)
+        return metrics
