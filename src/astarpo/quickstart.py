@@ -21,13 +21,13 @@ from .trainer import Trainer, peak_memory_mb
 from .values import compute_values
 
 RECIPE: dict[str, Any] = {
-    "model": DEFAULT_MODEL, "data": "arithmetic", "reward": "arithmetic", "max_new_tokens": 32,
+    "model": DEFAULT_MODEL, "data": "arithmetic", "reward": "arithmetic", "max_new_tokens": 16,
     "temperature": 1.0, "top_p": 1.0, "seed": 0,
 }
-STAGE1: dict[str, Any] = {"n": 8, "limit": 192}
-STAGE2: dict[str, Any] = {"beta1": 0.5, "beta2": 1e-3, "learning_rate": 2e-5, "batch_size": 16, "steps": 24,
-                          "micro_batch_size": 16, "eval_data": "arithmetic", "eval_limit": 100, "eval_every": 8,
-                          "save_every": 12, "limit": 192}
+STAGE1: dict[str, Any] = {"n": 8, "limit": 160}
+STAGE2: dict[str, Any] = {"beta1": 0.5, "beta2": 1e-3, "learning_rate": 1e-5, "batch_size": 32, "steps": 12,
+                          "micro_batch_size": 16, "eval_data": "arithmetic", "eval_limit": 100, "eval_every": 4,
+                          "save_every": 6, "limit": 160}
 
 
 def quickstart(output_dir: str = "runs/quickstart") -> dict[str, Any]:

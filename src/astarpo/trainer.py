@@ -98,6 +98,7 @@ class Trainer:
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
 
         self.eval_records: list[dict] = []
+        self.eval_prompt_ids: list[list[int]] = []
         if cfg.eval_data:
             ev = load_records(cfg.eval_data, cfg.eval_split, cfg.eval_limit, cfg.prompt_column, cfg.answer_column)
             self.eval_records, self.eval_prompt_ids = encode_prompts(

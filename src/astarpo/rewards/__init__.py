@@ -11,8 +11,8 @@ Any Python callable with that signature works wherever a reward name is accepted
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
+from math import isfinite, nan
 from typing import Any
 
 RewardFn = Callable[..., list[float]]
@@ -77,7 +77,7 @@ def score(
     except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
         if on_error == "skip":
             log.warning("reward function raised %s: %s; skipping %d samples", type(e).__name__, e, n)
-            return [math.nan] * n
+            return [nan] * n
         raise RewardError(f"reward function raised {type(e).__name__}: {e} "
                           "(fix the reward, or pass --on-reward-error skip to drop such samples)") from e
     out = list(out)
@@ -87,14 +87,14 @@ def score(
     vals = []
     for v in out:
         v = float(v)
-        if not math.isfinite(v):
+        if not isfinite(v):
             if on_error != "skip":
                 raise RewardError(f"reward function returned {v} (not finite); return a finite float, "
                                   "or pass --on-reward-error skip to drop such samples")
-            v = math.nan
+            v = nan
         vals.append(v)
     return vals
 
 
 def _load_builtins() -> None:
-    from . import arithmetic  # noqa: F401 - registers itself
+    from . import arithmetic, gsm8k, math  # noqa: F401 - they register themselves

@@ -1,0 +1,41 @@
+import math
+
+import pytest
+
+from astarpo.cli import main
+from astarpo.config import ConfigError, TrainConfig, ValuesConfig, build
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("beta1: inf\nlearning_rate: 1e-5\nbatch_size: 4\nfilter_unsolved: false\n")
+    cfg = build(TrainConfig, str(f), batch_size="8")
+    assert math.isinf(cfg.beta1) and cfg.learning_rate == 1e-5 and cfg.batch_size == 8
+    assert cfg.filter_unsolved is False
+
+
+@pytest.mark.parametrize("cls, settings, message", [
+    (TrainConfig, {"beta1": 0}, "beta1 must be > 0"),
+    (TrainConfig, {"beta1": -1}, "beta1 must be > 0"),
+    (TrainConfig, {"beta2": 0}, "beta2 must be a positive number"),
+    (TrainConfig, {"mini_batch_size": 300}, "mini_batch_size must be in"),
+    (ValuesConfig, {"n": 0}, "n must be >= 1"),
+    (ValuesConfig, {"temperature": 0}, "V\\* needs sampling"),
+    (ValuesConfig, {"top_p": 1.5}, "top_p must be in"),
+    (ValuesConfig, {"on_reward_error": "ignore"}, "on_reward_error must be one of raise, skip"),
+    (ValuesConfig, {"n": "eight"}, "n must be int, got 'eight'"),
+    (ValuesConfig, {"nn": 3}, "unknown setting\\(s\\) nn for ValuesConfig"),
+])
+def test_out_of_range_settings(cls, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        build(cls, None, **settings)
+
+
+def test_cli_reports_one_line_errors(capsys, tmp_path):
+    assert main(["train", "--beta1", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "astarpo: error: beta1 must be > 0 (inf for the mean), got 0.0"
+    assert main(["values", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+    assert main(["eval", "--reward", "nope", "--model", str(tmp_path)]) == 2
+    assert "unknown reward 'nope'" in capsys.readouterr().err

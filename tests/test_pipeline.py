@@ -1,0 +1,137 @@
+"""values -> train -> eval on a tiny model: resume, provenance checks, checkpoints, CLI."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from conftest import build_tiny_model
+from safetensors.torch import load_file
+
+from astarpo import EvalConfig, TrainConfig, Trainer, ValuesConfig, compute_values
+from astarpo.cli import main
+from astarpo.values import ValuesError, read_values
+
+COMMON = {"data": "arithmetic", "reward": "arithmetic", "max_new_tokens": 6, "limit": 24}
+
+
+class DigitReward:
+    """Fraction of digit characters: varied, non-zero rewards even from an untrained model."""
+
+    reward_name = "digits"
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def __call__(self, prompts, completions, **_):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt  # stands in for a kill mid-run: nothing after this point is written
+        return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def _values(model, path, reward_fn=None, **kw):
+    cfg = ValuesConfig(**{**COMMON, "model": str(model), "n": 4, "output": str(path), "shard_size": 5, **kw})
+    return compute_values(cfg, reward=reward_fn or DigitReward())
+
+
+def test_values_file_contents(tiny_model, tmp_path):
+    path = _values(tiny_model, tmp_path / "v.parquet", save_responses=True)
+    df = pd.read_parquet(path)
+    assert list(df.columns) == ["id", "rewards", "lengths", "responses"]
+    assert len(df) == 24 and all(len(r) == 4 for r in df.rewards)
+    assert all(1 <= n <= 6 for lens in df.lengths for n in lens)
+    prov = read_values(path).provenance
+    assert prov["reference_model"] == str(tiny_model) and len(prov["reference_model_hash"]) == 64
+    assert (prov["reward"], prov["n"], prov["seed"], prov["temperature"]) == ("digits", 4, 0, 1.0)
+    import datasets
+
+    assert datasets.load_dataset("parquet", data_files=str(path), split="train").num_rows == 24
+    assert not (tmp_path / "v.parquet.shards").exists()
+
+
+def test_values_resume_after_interruption_equals_uninterrupted(tiny_model, tmp_path):
+    full = read_values(_values(tiny_model, tmp_path / "full.parquet"))
+    out = tmp_path / "resumed.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        _values(tiny_model, out, reward_fn=DigitReward(fail_after=2))
+    assert len(list((tmp_path / "resumed.parquet.shards").glob("shard-*.parquet"))) == 2 and not out.exists()
+    resumed = read_values(_values(tiny_model, out))
+    assert resumed.ids == full.ids
+    assert (resumed.rewards == full.rewards).all()
+
+
+def test_values_refuses_to_overwrite_other_settings(tiny_model, tmp_path):
+    path = _values(tiny_model, tmp_path / "v.parquet")
+    with pytest.raises(ValuesError, match="exists and was made with other settings \\(n: 4 -> 2"):
+        _values(tiny_model, path, n=2)
+
+
+def _train_cfg(model, values, out, **kw):
+    return TrainConfig(**{**COMMON, "model": str(model), "values": str(values), "output_dir": str(out),
+                          "batch_size": 6, "micro_batch_size": 4, "mini_batch_size": 3, "learning_rate": 1e-2,
+                          "save_every": 2, "beta2": 0.1, **kw})
+
+
+def test_train_resume_matches_uninterrupted_run(tiny_model, tmp_path):
+    values = _values(tiny_model, tmp_path / "v.parquet")
+    Trainer(_train_cfg(tiny_model, values, tmp_path / "a", steps=4), reward=DigitReward()).train()
+    Trainer(_train_cfg(tiny_model, values, tmp_path / "b", steps=2), reward=DigitReward()).train()
+    Trainer(_train_cfg(tiny_model, values, tmp_path / "b", steps=4), reward=DigitReward()).train()
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    start = load_file(tiny_model / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
+    assert all(torch.equal(a[k], b[k]) for k in a)  # and the resumed run is bit-identical
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert [p.name for p in sorted((tmp_path / "b" / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
+
+
+def test_train_refuses_mismatched_values_and_run_dirs(tiny_model, tmp_path):
+    values = _values(tiny_model, tmp_path / "v.parquet")
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    with pytest.raises(ValuesError, match="made with reference model .* but this run uses"):
+        Trainer(_train_cfg(other, values, tmp_path / "r1"), reward=DigitReward())
+    with pytest.raises(ValuesError, match="made with reward 'digits' but this run uses 'arithmetic'"):
+        Trainer(_train_cfg(tiny_model, values, tmp_path / "r2"))
+    with pytest.raises(ValuesError, match="made with max_new_tokens 6 but this run uses 8"):
+        Trainer(_train_cfg(tiny_model, values, tmp_path / "r3", max_new_tokens=8), reward=DigitReward())
+    Trainer(_train_cfg(tiny_model, values, tmp_path / "r4"), reward=DigitReward())
+    from astarpo.trainer import TrainError
+
+    with pytest.raises(TrainError, match="holds a run with other settings \\(beta1: 0.5 -> 1.0\\)"):
+        Trainer(_train_cfg(tiny_model, values, tmp_path / "r4", beta1=1.0), reward=DigitReward())
+
+
+def test_cli_end_to_end(tiny_chat_model, tmp_path, capsys):
+    m = str(tiny_chat_model)
+    flags = ["--model", m, "--limit", "12", "--max-new-tokens", "5"]
+    values = str(tmp_path / "v.parquet")
+    assert main(["values", *flags, "--n", "3", "--output", values]) == 0
+    run = str(tmp_path / "run")
+    train = ["train", *flags, "--values", values, "--output-dir", run, "--batch-size", "4", "--no-filter-unsolved",
+             "--eval-data", "arithmetic", "--eval-limit", "4", "--learning-rate", "1e-3"]
+    assert main([*train, "--steps", "1"]) == 0
+    assert main([*train, "--steps", "2"]) == 0  # resumes from step 1
+    metrics = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for key in ("reward", "v_star", "advantage", "loss", "log_ratio", "kl", "response_length", "step_seconds",
+                "tokens_per_second", "peak_memory_mb"):
+        assert key in metrics[-1]
+    out = str(tmp_path / "result.json")
+    assert main(["eval", "--model", f"{run}/final", "--limit", "4", "--max-new-tokens", "5", "--k", "2",
+                 "--output", out]) == 0
+    result = json.load(open(out))
+    assert result["reference"] == m  # found from the checkpoint's run file
+    assert {"accuracy", "avg_at_k", "pass_at_k", "kl_to_ref"} <= set(result) and len(result["samples"]) == 4
+    capsys.readouterr()
+    assert main(["eval", "--model", f"{run}/final", "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "none.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_eval_config_from_python(tiny_model, tmp_path):
+    from astarpo.evaluate import run_eval
+
+    res = run_eval(EvalConfig(model=str(tiny_model), limit=3, max_new_tokens=4, output=str(tmp_path / "r.json")))
+    assert res["prompts"] == 3 and "kl_to_ref" not in res and (tmp_path / "r.json").is_file()

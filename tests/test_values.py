@@ -1,0 +1,81 @@
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from astarpo.values import Values, ValuesError, check_provenance, load_v_star, read_values, v_star
+
+
+def test_v_star_matches_definition():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.3, -0.2, 2.0, 1.0]])
+    beta = 0.5
+    expected = beta * torch.log(torch.exp(r.double() / beta).mean(-1))
+    assert torch.allclose(v_star(r, beta), expected)
+
+
+def test_v_star_stable_for_tiny_beta_and_large_rewards():
+    r = torch.tensor([[1e4, 0.0, 5e3], [3.0, 3.0, 3.0]])
+    v = v_star(r, 1e-4)
+    assert torch.isfinite(v).all()
+    # beta1 -> 0 gives the max (minus beta1 * log N, which vanishes)
+    assert torch.allclose(v, r.double().max(-1).values, atol=1e-3)
+    assert torch.isfinite(v_star(r, 1e-12)).all()
+
+
+def test_v_star_limits():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.2, 0.4, 0.6, 0.8]])
+    assert torch.allclose(v_star(r, math.inf), r.double().mean(-1))
+    assert torch.allclose(v_star(r, 1e6), r.double().mean(-1), atol=1e-5)
+    assert torch.allclose(v_star(r, 1e-3), r.double().max(-1).values, atol=5e-3)
+    # monotone in beta1: between mean and max
+    vs = [v_star(r, b) for b in (0.125, 0.25, 0.5, 1.0, 2.0)]
+    for a, b in zip(vs, vs[1:]):
+        assert (a >= b - 1e-12).all()
+
+
+def _values(rewards, ids=None):
+    rewards = np.asarray(rewards, dtype=float)
+    return Values({"reward": "r"}, ids or [f"p{i}" for i in range(len(rewards))], rewards)
+
+
+def test_load_v_star_first_n_and_filter():
+    vals = _values([[0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
+    pos, v, counts = load_v_star(vals, ["p2", "p1", "p0"], beta1=math.inf, n=2)
+    # first 2 samples: p0 has [0, 0] -> unsolved and dropped; p1 too; p2 kept
+    assert pos == [0] and v.tolist() == [1.0] and counts["unsolved_dropped"] == 2
+    pos, v, _ = load_v_star(vals, ["p0", "p1"], beta1=math.inf, filter_unsolved=False)
+    assert pos == [0, 1] and v.tolist() == [0.5, 0.0]
+
+
+def test_load_v_star_errors():
+    vals = _values([[0, 1]])
+    with pytest.raises(ValuesError, match="holds only 2 samples"):
+        load_v_star(vals, ["p0"], beta1=0.5, n=3)
+    with pytest.raises(ValuesError, match="no row for 1 of 2 prompts"):
+        load_v_star(vals, ["p0", "other"], beta1=0.5)
+
+
+def test_read_values_rejects_foreign_and_corrupt_files(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(ValuesError, match="not a readable parquet file"):
+        read_values(bad)
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"id": ["a"], "rewards": [[1.0]]}), plain)
+    with pytest.raises(ValuesError, match="not an astarpo values file"):
+        read_values(plain)
+    with pytest.raises(ValuesError, match="no such values file"):
+        read_values(tmp_path / "missing.parquet")
+
+
+def test_check_provenance_names_the_mismatch():
+    prov = {"reference_model": "a", "reference_model_hash": "h1", "reward": "math", "temperature": 1.0,
+            "top_p": 1.0, "max_new_tokens": 32, "use_chat_template": True}
+    check_provenance(prov, dict(prov), "v.parquet")
+    with pytest.raises(ValuesError, match="made with reward 'math' but this run uses 'gsm8k'"):
+        check_provenance(prov, {**prov, "reward": "gsm8k"}, "v.parquet")
+    with pytest.raises(ValuesError, match="made with reference model 'a' but this run uses 'b'"):
+        check_provenance(prov, {**prov, "reference_model": "b", "reference_model_hash": "h2"}, "v.parquet")
