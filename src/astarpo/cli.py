@@ -74,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             metrics = trainer.train()
             print(json.dumps(metrics))
         else:
-            from .evaluate import run_eval
+            from .evaluate import markdown_table, run_eval
 
             result = run_eval(cfg)
-            print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+            if cfg.benchmarks:
+                print(markdown_table(result), end="")
+            else:
+                print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"astarpo: error: {msg}", file=sys.stderr)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from .benchmarks import BENCHMARKS
 from .models import DEFAULT_MODEL
 
 
@@ -108,9 +109,19 @@ class TrainConfig(CommonConfig):
     eval_split: str = "test"
     eval_limit: int | None = None
     eval_every: int = 0
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16: autocast for forward passes; "
+                                                                 "weights and optimizer state stay in float32"})
+    gradient_checkpointing: bool = False
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning); with LoRA the reference "
+                                                        "is the base model with adapters disabled"})
+    lora_alpha: int = 32
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "comma list, or all-linear"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if not self.beta1 > 0:
             raise ConfigError(f"beta1 must be > 0 (inf for the mean), got {self.beta1}")
         if not (self.beta2 > 0 and math.isfinite(self.beta2)):
@@ -136,15 +147,47 @@ class EvalConfig(CommonConfig):
     """Accuracy (greedy pass@1, and avg@k / pass@k over k samples) and KL to the reference."""
 
     split: str = "test"
+    max_prompt_tokens: int = field(default=2048, metadata={
+        "help": "high enough for every benchmark problem (the longest, in olympiadbench, is ~1400 SmolLM2 tokens)"})
     output: str = "result.json"
     k: int = field(default=1, metadata={"help": "sampled responses per prompt for avg@k (1: greedy only)"})
     reference: str | None = field(default=None, metadata={"help": "model to measure KL against (default: the "
                                                                    "reference recorded in a checkpoint)"})
+    benchmarks: str | None = field(default=None, metadata={
+        "help": "comma list of named benchmarks (e.g. gsm8k,math500); each brings its own prompt template and "
+                "reward, so data/split/reward do not apply"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder holding <benchmark>/test.jsonl (default: "
+                                                                 "$ASTARPO_DATA_DIR, else ../shared/data)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
+        if self.benchmarks is None:
+            if self.data_dir is not None:
+                raise ConfigError("data_dir applies only with benchmarks")
+            return
+        names = self.benchmark_names
+        unknown = [b for b in names if b not in BENCHMARKS]
+        if unknown or not names:
+            raise ConfigError(f"unknown benchmark(s) {', '.join(unknown) or repr(self.benchmarks)}; "
+                              f"known: {', '.join(BENCHMARKS)}")
+        if len(set(names)) < len(names):
+            raise ConfigError(f"benchmarks lists a name twice: {self.benchmarks}")
+        # Each benchmark fixes its own prompts and reward: a changed data setting would be silently ignored.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [n for n in ("data", "split", "reward", "prompt_column", "answer_column")
+                   if getattr(self, n) != defaults[n]]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} do(es) not apply with benchmarks (each benchmark brings its "
+                              "own data and reward); drop it or drop benchmarks")
+        if self.output.endswith(".md"):
+            raise ConfigError("output is the JSON file; the Markdown table is written beside it as .md")
+
+    @property
+    def benchmark_names(self) -> list[str]:
+        """``benchmarks`` as a list, in the given order (the order of the table rows)."""
+        return [b.strip() for b in (self.benchmarks or "").split(",") if b.strip()]
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ from typing import Any
 import torch
 
 from . import rewards
-from .config import EvalConfig
+from .benchmarks import get_benchmark, load_benchmark
+from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_records
 from .generation import sample, sequence_logprobs
-from .models import eos_ids, load_model, load_tokenizer, resolve_model
+from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
+from .values import diff_settings
 
 log = logging.getLogger(__name__)
 RUN_FILE = "astarpo_run.json"  # written into every checkpoint: which reference model it was trained against
@@ -69,29 +72,137 @@ def _nanmean(x: torch.Tensor) -> float:
 
 def run_eval(cfg: EvalConfig, reward: str | rewards.RewardFn | None = None) -> dict[str, Any]:
     """The `astarpo eval` command: load, score, write ``cfg.output`` (JSON) and return the result."""
+    if cfg.benchmarks:
+        if reward is not None:
+            raise ConfigError("each benchmark brings its own reward; pass no reward with benchmarks")
+        return run_benchmarks(cfg)
     reward_name, reward_fn = rewards.resolve(reward or cfg.reward)
     model_dir = resolve_model(cfg.model)
-    reference = cfg.reference
-    run_file = Path(model_dir) / RUN_FILE
-    if reference is None and run_file.is_file():
-        reference = json.loads(run_file.read_text())["reference_model"]
+    reference = _reference(cfg, model_dir)
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column)
     records, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
                                          cfg.on_long_prompt)
+    model, ref_model = _load_models(cfg, model_dir, reference)
+    result = _evaluate(cfg, model, tokenizer, records, prompt_ids, reward_fn, ref_model)
+    result = {"model": cfg.model, "reference": reference, "data": cfg.data, "split": cfg.split,
+              "reward": reward_name, **result}
+    _write_atomic(Path(cfg.output), json.dumps(result, indent=1))
+    return result
+
+
+def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
+    """`astarpo eval --benchmarks a,b`: one model load, one result per benchmark, the paper's table at the end.
+
+    Each finished benchmark is saved to ``<output>.parts/<name>.json`` with the settings it was made with, so a
+    rerun of the same command only evaluates what is missing; the parts folder goes once the final JSON and
+    Markdown files are written.
+    """
+    out = Path(cfg.output)
+    parts = out.with_name(out.name + ".parts")
+    model_dir = resolve_model(cfg.model)
+    reference = _reference(cfg, model_dir)
+    settings = {"model": cfg.model, "model_hash": content_hash(model_dir), "reference": reference, "k": cfg.k,
+                "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "seed": cfg.seed, "max_prompt_tokens": cfg.max_prompt_tokens,
+                "use_chat_template": cfg.use_chat_template, "on_long_prompt": cfg.on_long_prompt,
+                "dtype": cfg.dtype}
+    done: dict[str, dict[str, Any]] = {}
+    for name in cfg.benchmark_names:  # check every saved part before the slow model load
+        path = parts / f"{name}.json"
+        if path.is_file():
+            part = json.loads(path.read_text())
+            diff = diff_settings(part["settings"], settings)
+            if diff:
+                raise ConfigError(f"{path} was made with other settings ({diff}); rerun with the same settings, "
+                                  f"or delete {parts} to start over")
+            done[name] = part["result"]
+    todo = [name for name in cfg.benchmark_names if name not in done]
+    if done:
+        log.info("resuming: %s already done, %s to go", ", ".join(done), ", ".join(todo) or "nothing")
+    if todo:
+        tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
+        prompts = {}  # every prompt set is read and tokenized first, so a data problem shows before the model load
+        for name in todo:
+            records = load_benchmark(name, cfg.data_dir, cfg.limit)
+            kept, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
+                                              cfg.on_long_prompt)
+            prompts[name] = (kept, prompt_ids, len(records) - len(kept))
+        model, ref_model = _load_models(cfg, model_dir, reference)
+        parts.mkdir(parents=True, exist_ok=True)
+        for name in todo:
+            bench = get_benchmark(name)
+            records, prompt_ids, skipped = prompts[name]
+            log.info("%s: %d prompts", name, len(records))
+            result = _evaluate(cfg, model, tokenizer, records, prompt_ids, rewards.get(bench.reward), ref_model)
+            done[name] = {"reward": bench.reward, "skipped": skipped, **result}
+            _write_atomic(parts / f"{name}.json", json.dumps({"settings": settings, "result": done[name]}, indent=1))
+            log.info("%s: pass@1 %.1f%% (%.0f s)", name, 100 * result["accuracy"], result["seconds"])
+    benchmarks = {name: done[name] for name in cfg.benchmark_names}
+    summary = {"model": cfg.model, "reference": reference, "k": cfg.k, "settings": settings, "benchmarks": benchmarks,
+               "average": sum(r["accuracy"] for r in benchmarks.values()) / len(benchmarks)}
+    _write_atomic(out, json.dumps(summary, indent=1))
+    _write_atomic(out.with_suffix(".md"), markdown_table(summary))
+    shutil.rmtree(parts, ignore_errors=True)
+    return summary
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The paper's layout: one row per benchmark and an unweighted Average row; accuracies in percent."""
+    rows, k, s = summary["benchmarks"], summary["k"], summary["settings"]
+    first = next(iter(rows.values()))
+    cols = [("prompts", "prompts", "{:d}"), ("pass@1 (%)", "accuracy", "{:.1f}")]  # (title, key, format)
+    if "avg_at_k" in first:
+        cols += [(f"avg@{k} (%)", "avg_at_k", "{:.1f}"), (f"pass@{k} (%)", "pass_at_k", "{:.1f}")]
+    if "kl_to_ref" in first:
+        cols.append(("KL to ref", "kl_to_ref", "{:.3f}"))
+    cols.append(("response tokens", "mean_response_tokens", "{:.0f}"))
+    percent = ("accuracy", "avg_at_k", "pass_at_k")
+
+    def cells(values: dict[str, Any]) -> str:
+        return " | ".join(fmt.format(values[key] * (100 if key in percent else 1)) for _, key, fmt in cols)
+
+    average = {key: sum(r[key] for r in rows.values()) / len(rows) for _, key, _ in cols}
+    average["prompts"] = sum(r["prompts"] for r in rows.values())
+    lines = [f"model `{summary['model']}`, greedy pass@1" + (f", {k} samples at temperature {s['temperature']}"
+                                                            if k > 1 else "")
+             + f", max_new_tokens {s['max_new_tokens']}, limit {s['limit']}", "",
+             "| benchmark | " + " | ".join(title for title, _, _ in cols) + " |",
+             "| --- |" + " ---: |" * len(cols)]
+    lines += [f"| {name} | {cells(r)} |" for name, r in rows.items()]
+    lines.append(f"| **Average** | {cells(average)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _reference(cfg: EvalConfig, model_dir: Path) -> str | None:
+    """The model to measure KL against: ``cfg.reference``, else the one a trained checkpoint records."""
+    run_file = Path(model_dir) / RUN_FILE
+    if cfg.reference is None and run_file.is_file():
+        return json.loads(run_file.read_text())["reference_model"]
+    return cfg.reference
+
+
+def _load_models(cfg: EvalConfig, model_dir: Path, reference: str | None) -> tuple[Any, Any]:
+    """The model under evaluation and, when there is a reference, the reference model (for the KL)."""
     model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code)
     ref_model = None
     if reference is not None:
         ref_model = load_model(resolve_model(reference), cfg.dtype, cfg.trust_remote_code)
+    return model, ref_model
+
+
+def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
+              reward_fn: rewards.RewardFn, ref_model: Any) -> dict[str, Any]:
+    """``evaluate`` with the config's settings, seeded here so a result does not depend on what ran before."""
     torch.manual_seed(cfg.seed)
-    result = evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=cfg.k, temperature=cfg.temperature,
-                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
-                      ref_model=ref_model, on_reward_error=cfg.on_reward_error)
-    result = {"model": cfg.model, "reference": reference, "data": cfg.data, "split": cfg.split,
-              "reward": reward_name, **result}
-    out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
-    return result
+    return evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=cfg.k, temperature=cfg.temperature,
+                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
+                    ref_model=ref_model, on_reward_error=cfg.on_reward_error)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so an interrupted run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -43,7 +43,7 @@ def resolve_model(spec: str) -> Path:
         key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
         return _convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{key[:12]}")
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
             raise FileNotFoundError(f"{spec}: directory has no config.json; is it a Hugging Face model directory?")
         return path
     if path.exists() or spec.startswith((".", "/")):
@@ -102,8 +102,9 @@ _HASHES: dict[tuple[str, float], str] = {}
 def content_hash(model_dir: str | Path) -> str:
     """sha256 over the config and weight files: identifies the weights, whatever the directory is called."""
     model_dir = Path(model_dir)
+    configs = ("config.json", "adapter_config.json")
     files = sorted(p for p in model_dir.iterdir()
-                   if p.is_file() and (p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES))
+                   if p.is_file() and (p.name in configs or p.suffix in _WEIGHT_SUFFIXES))
     key = (str(model_dir.resolve()), max((p.stat().st_mtime for p in files), default=0.0))
     if key in _HASHES:
         return _HASHES[key]
@@ -128,13 +129,33 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> An
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
-    """A causal LM from a local directory (safetensors weights; remote code only when asked)."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM from a local directory (safetensors weights; remote code only when asked).
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
+    A LoRA checkpoint (``adapter_config.json``) is loaded onto its base model and merged, so evaluation sees
+    one plain model whatever the training mode was.
+    """
+    if (Path(model_dir) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                         trust_remote_code=trust_remote_code).merge_and_unload()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     return model
+
+
+def add_lora(model: Any, rank: int, alpha: int, target_modules: str) -> Any:
+    """Wrap ``model`` with LoRA adapters (peft); only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("LoRA needs peft: pip install 'astarpo[lora]'") from e
+    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:

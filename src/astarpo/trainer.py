@@ -30,8 +30,8 @@ from . import rewards
 from .config import TrainConfig, to_dict
 from .data import encode_prompts, load_records
 from .evaluate import RUN_FILE, evaluate
-from .generation import collate, response_logprobs, sample, sequence_logprobs
-from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
+from .generation import Rollout, collate, response_logprobs, sample, sequence_logprobs
+from .models import add_lora, content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .objectives import astarpo_loss
 from .values import check_provenance, load_v_star, read_values
 
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # Changing these between a run and its resume would make the resumed run a different experiment.
 _RUN_KEYS = ("model", "data", "split", "limit", "reward", "values", "beta1", "beta2", "n", "filter_unsolved",
              "learning_rate", "weight_decay", "batch_size", "mini_batch_size", "micro_batch_size", "seed",
-             "temperature", "top_p", "max_new_tokens", "dtype", "use_chat_template")
+             "temperature", "top_p", "max_new_tokens", "dtype", "use_chat_template", "mixed_precision", "lora_rank",
+             "lora_alpha", "lora_target_modules")
 
 
 class TrainError(RuntimeError):
@@ -62,7 +63,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self._claim_run_dir()
         tensorboard = importlib.util.find_spec("tensorboard") is not None
-        self.accelerator = Accelerator(log_with="tensorboard" if tensorboard else None, project_dir=self.out)
+        self.accelerator = Accelerator(log_with="tensorboard" if tensorboard else None, project_dir=self.out,
+                                       mixed_precision=cfg.mixed_precision)
         set_seed(cfg.seed)
 
         self.model_dir = resolve_model(cfg.model)
@@ -89,10 +91,21 @@ class Trainer:
         self.steps = cfg.steps or math.ceil(len(self.records) / cfg.batch_size)
 
         policy = load_model(self.model_dir, cfg.dtype, cfg.trust_remote_code)
-        self.ref = load_model(self.model_dir, cfg.dtype, cfg.trust_remote_code).requires_grad_(False).eval()
-        self.ref.to(self.accelerator.device)
         self.eos = eos_ids(policy, self.tokenizer)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        if cfg.gradient_checkpointing:  # renamed to activation checkpointing in transformers 5.x
+            if hasattr(policy, "activation_checkpointing_enable"):
+                policy.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With LoRA the reference is the base model with adapters disabled: no second copy in memory.
+        self.ref = None
+        if cfg.lora_rank:
+            policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        else:
+            self.ref = load_model(self.model_dir, cfg.dtype, cfg.trust_remote_code).requires_grad_(False).eval()
+            self.ref.to(self.accelerator.device)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay)
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
@@ -131,7 +144,13 @@ class Trainer:
     def _load_model_hook(self, models: list, input_dir: str) -> None:
         while models:
             m = self.accelerator.unwrap_model(models.pop())
-            m.load_state_dict(load_model(input_dir, self.cfg.dtype, self.cfg.trust_remote_code).state_dict())
+            if self.cfg.lora_rank:
+                from peft import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                set_peft_model_state_dict(m, load_file(Path(input_dir) / "adapter_model.safetensors"))
+            else:
+                m.load_state_dict(load_model(input_dir, self.cfg.dtype, self.cfg.trust_remote_code).state_dict())
 
     def _write_run_file(self, directory: Path, step: int) -> None:
         self.tokenizer.save_pretrained(directory)
@@ -190,8 +209,9 @@ class Trainer:
         t0 = time.perf_counter()
         idx = self._batch(step)
         policy = acc.unwrap_model(self.policy)
-        roll = sample(policy, self.tokenizer, [self.prompt_ids[i] for i in idx], 1, cfg.temperature, cfg.top_p,
-                      cfg.max_new_tokens, self.eos, cfg.generation_batch_size)
+        with acc.autocast():
+            roll = sample(policy, self.tokenizer, [self.prompt_ids[i] for i in idx], 1, cfg.temperature, cfg.top_p,
+                          cfg.max_new_tokens, self.eos, cfg.generation_batch_size)
         gen_seconds = time.perf_counter() - t0
         extra = [c for c in self.records[0] if c not in ("id", "prompt")]
         reward = torch.tensor(rewards.score(
@@ -203,7 +223,7 @@ class Trainer:
         roll, reward = roll.select(ok), reward[ok]
         v = self.v_star[[idx[i] for i in ok]].float()
         pad = self.tokenizer.pad_token_id
-        ref_logp = sequence_logprobs(self.ref, roll, pad, cfg.micro_batch_size)
+        ref_logp = self.reference_logprobs(roll)
 
         mini = cfg.mini_batch_size or cfg.batch_size
         logp_all = torch.zeros(len(roll))
@@ -236,11 +256,22 @@ class Trainer:
             "learning_rate": self.optimizer.param_groups[0]["lr"],
         }
 
+    def reference_logprobs(self, roll: Rollout) -> torch.Tensor:
+        """Summed response log-probs under pi_ref: the frozen copy, or the policy with its adapters disabled."""
+        pad, micro = self.tokenizer.pad_token_id, self.cfg.micro_batch_size
+        with self.accelerator.autocast():
+            if self.ref is not None:
+                return sequence_logprobs(self.ref, roll, pad, micro)
+            policy = self.accelerator.unwrap_model(self.policy)
+            with policy.disable_adapter():
+                return sequence_logprobs(policy, roll, pad, micro)
+
     def evaluate(self) -> dict[str, Any]:
         """Greedy accuracy on the held-out prompts (``eval_data``)."""
-        return evaluate(self.accelerator.unwrap_model(self.policy), self.tokenizer, self.eval_records,
-                        self.eval_prompt_ids, self.reward_fn, max_new_tokens=self.cfg.max_new_tokens,
-                        batch_size=self.cfg.generation_batch_size, on_reward_error=self.cfg.on_reward_error)
+        with self.accelerator.autocast():
+            return evaluate(self.accelerator.unwrap_model(self.policy), self.tokenizer, self.eval_records,
+                            self.eval_prompt_ids, self.reward_fn, max_new_tokens=self.cfg.max_new_tokens,
+                            batch_size=self.cfg.generation_batch_size, on_reward_error=self.cfg.on_reward_error)
 
     def _log(self, metrics: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:

@@ -80,7 +80,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     }
     if out.exists():
         old = read_values(out).provenance
-        diff = _diff(old, provenance, ignore=("astarpo_version", "created_at", "prompts", "skipped", "seconds"))
+        diff = diff_settings(old, provenance, ignore=("astarpo_version", "created_at", "prompts", "skipped", "seconds"))
         if diff:
             raise ValuesError(f"{out} exists and was made with other settings ({diff}); "
                               "choose another --output or delete it")
@@ -91,7 +91,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     shards_dir.mkdir(exist_ok=True)
     prov_path = shards_dir / "provenance.json"
     if prov_path.exists():
-        diff = _diff(json.loads(prov_path.read_text()), provenance, ignore=("astarpo_version",))
+        diff = diff_settings(json.loads(prov_path.read_text()), provenance, ignore=("astarpo_version",))
         if diff:
             raise ValuesError(f"{shards_dir} holds an unfinished run with other settings ({diff}); "
                               "resume with the same settings, or delete that folder to start over")
@@ -161,7 +161,7 @@ def _sample_shard(cfg: ValuesConfig, model: Any, tokenizer: Any, eos: list[int],
     return pa.table(rows, schema=schema)
 
 
-def _diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> str:
+def diff_settings(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> str:
     keys = [k for k in new if k not in ignore and old.get(k) != new.get(k)]
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
