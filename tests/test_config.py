@@ -1,9 +1,10 @@
 import math
+from pathlib import Path
 
 import pytest
 
 from astarpo.cli import main
-from astarpo.config import ConfigError, TrainConfig, ValuesConfig, build
+from astarpo.config import ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -39,3 +40,26 @@ def test_cli_reports_one_line_errors(capsys, tmp_path):
     assert "no such config file" in capsys.readouterr().err
     assert main(["eval", "--reward", "nope", "--model", str(tmp_path)]) == 2
     assert "unknown reward 'nope'" in capsys.readouterr().err
+
+
+def test_recipe_sections(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model: m\nmax_new_tokens: 64\nvalues:\n  n: 4\ntrain:\n  n: 2\n  beta1: 0.25\neval:\n  k: 3\n")
+    v, t, e = build(ValuesConfig, str(f)), build(TrainConfig, str(f)), build(EvalConfig, str(f))
+    assert (v.model, v.max_new_tokens, v.n) == ("m", 64, 4)
+    assert (t.model, t.n, t.beta1) == ("m", 2, 0.25)
+    assert (e.model, e.k) == ("m", 3)
+    f.write_text("modle: m\n")
+    with pytest.raises(ConfigError, match="unknown setting\\(s\\) modle"):
+        build(ValuesConfig, str(f))
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_recipes_are_valid(recipe):
+    v, t, e = build(ValuesConfig, str(recipe)), build(TrainConfig, str(recipe)), build(EvalConfig, str(recipe))
+    assert v.n == 8 and v.temperature == 1.0 and v.max_new_tokens == 1024 and v.max_prompt_tokens == 256
+    assert (t.beta1, t.beta2, t.learning_rate, t.batch_size, t.mini_batch_size) == (0.5, 1e-3, 1e-6, 256, 128)
+    assert t.values == v.output and e.model == f"{t.output_dir}/final" and t.reward == v.reward
+    assert t.prompt_template == v.prompt_template and "{prompt}" in v.prompt_template
+    assert len(e.benchmark_names) == 6

@@ -85,3 +85,9 @@ def test_chat_template_used_when_present(tiny_model, tiny_chat_model):
     assert format_prompt(plain, "hi") == "hi"
     assert format_prompt(chat, "hi") == "<s>user: hi</s><s>assistant:"
     assert format_prompt(chat, "hi", use_chat_template=False) == "hi"
+
+
+def test_prompt_template_wraps_every_prompt(tmp_path):
+    recs = load_records(_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": 2}]), prompt_column="problem",
+                        prompt_template="{prompt}\nPut the answer in \\boxed{}.")
+    assert recs[0]["prompt"] == "1+1?\nPut the answer in \\boxed{}."

@@ -36,6 +36,8 @@ class CommonConfig:
     limit: int | None = field(default=None, metadata={"help": "use only the first LIMIT prompts"})
     prompt_column: str = "prompt"
     answer_column: str = "answer"
+    prompt_template: str = field(default="{prompt}", metadata={"help": "text around each prompt; {prompt} marks "
+                                                                        "where it goes"})
     reward: str = field(default="arithmetic", metadata={"help": "registered reward name"})
     use_chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"})
     max_prompt_tokens: int = 256
@@ -60,6 +62,8 @@ class CommonConfig:
         for name in ("max_new_tokens", "max_prompt_tokens", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if "{prompt}" not in self.prompt_template:
+            raise ConfigError(f"prompt_template must contain {{prompt}}, got {self.prompt_template!r}")
         _choice("on_long_prompt", self.on_long_prompt, ("error", "skip"))
         _choice("on_reward_error", self.on_reward_error, ("raise", "skip"))
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -176,7 +180,7 @@ class EvalConfig(CommonConfig):
             raise ConfigError(f"benchmarks lists a name twice: {self.benchmarks}")
         # Each benchmark fixes its own prompts and reward: a changed data setting would be silently ignored.
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        changed = [n for n in ("data", "split", "reward", "prompt_column", "answer_column")
+        changed = [n for n in ("data", "split", "reward", "prompt_column", "answer_column", "prompt_template")
                    if getattr(self, n) != defaults[n]]
         if changed:
             raise ConfigError(f"{', '.join(changed)} do(es) not apply with benchmarks (each benchmark brings its "
@@ -218,20 +222,34 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(f"{name} must be {base.__name__}, got {value!r}") from None
 
 
+SECTIONS = {"ValuesConfig": "values", "TrainConfig": "train", "EvalConfig": "eval"}
+
+
 def build(cls: type, yaml_path: str | None = None, **overrides: Any) -> Any:
-    """A validated ``cls`` from defaults, then the YAML file, then ``overrides`` (e.g. parsed CLI flags)."""
+    """A validated ``cls`` from defaults, then the YAML file, then ``overrides`` (e.g. parsed CLI flags).
+
+    One YAML file can serve a whole recipe: top-level keys are shared by every command that has them, and the
+    sections ``values:``, ``train:`` and ``eval:`` hold each command's own settings (they win over shared ones).
+    """
     hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if yaml_path:
         path = Path(yaml_path)
         if not path.is_file():
             raise ConfigError(f"{yaml_path}: no such config file")
         loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{yaml_path}: expected a mapping of settings")
-        values.update(loaded)
+        if not isinstance(loaded, dict) or any(not isinstance(loaded.get(s, {}) or {}, dict)
+                                               for s in SECTIONS.values()):
+            raise ConfigError(f"{yaml_path}: expected a mapping of settings (sections values/train/eval too)")
+        anywhere = {f.name for c in (ValuesConfig, TrainConfig, EvalConfig) for f in dataclasses.fields(c)}
+        shared = {k: v for k, v in loaded.items() if k not in SECTIONS.values()}
+        typos = sorted(set(shared) - anywhere)
+        if typos:
+            raise ConfigError(f"{yaml_path}: unknown setting(s) {', '.join(typos)}")
+        values.update({k: v for k, v in shared.items() if k in known})
+        values.update(loaded.get(SECTIONS[cls.__name__]) or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "

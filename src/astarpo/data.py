@@ -24,8 +24,9 @@ def load_records(
     limit: int | None = None,
     prompt_column: str = "prompt",
     answer_column: str = "answer",
+    prompt_template: str = "{prompt}",
 ) -> list[dict[str, Any]]:
-    """Load and validate a prompt set.
+    """Load and validate a prompt set; ``prompt_template`` wraps each prompt (e.g. adds an answer-format line).
 
     ``data`` is a built-in task name (``arithmetic``), a ``.jsonl``/``.json``/``.parquet`` file, or a Hugging
     Face dataset name (read with ``datasets.load_dataset(data, split=split)``).
@@ -56,7 +57,10 @@ def load_records(
             raise DataError(f"could not load {data!r} as a built-in task, a file, or a Hugging Face dataset "
                             f"(split {split!r}): {type(e).__name__}: {e}") from e
     records = normalize(rows, source=data, prompt_column=prompt_column, answer_column=answer_column)
-    return records[:limit] if limit is not None else records
+    records = records[:limit] if limit is not None else records
+    for rec in records:
+        rec["prompt"] = prompt_template.replace("{prompt}", rec["prompt"])
+    return records
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -80,7 +80,7 @@ def run_eval(cfg: EvalConfig, reward: str | rewards.RewardFn | None = None) -> d
     model_dir = resolve_model(cfg.model)
     reference = _reference(cfg, model_dir)
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
-    records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column)
+    records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column, cfg.prompt_template)
     records, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
                                          cfg.on_long_prompt)
     model, ref_model = _load_models(cfg, model_dir, reference)

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 # Changing these between a run and its resume would make the resumed run a different experiment.
 _RUN_KEYS = ("model", "data", "split", "limit", "reward", "values", "beta1", "beta2", "n", "filter_unsolved",
              "learning_rate", "weight_decay", "batch_size", "mini_batch_size", "micro_batch_size", "seed",
-             "temperature", "top_p", "max_new_tokens", "dtype", "use_chat_template", "mixed_precision", "lora_rank",
-             "lora_alpha", "lora_target_modules")
+             "temperature", "top_p", "max_new_tokens", "dtype", "use_chat_template", "prompt_template",
+             "mixed_precision", "lora_rank", "lora_alpha", "lora_target_modules")
 
 
 class TrainError(RuntimeError):
@@ -73,9 +73,11 @@ class Trainer:
         check_provenance(values.provenance, {"reference_model": cfg.model, "reference_model_hash": self.ref_hash,
                                              "reward": self.reward_name, "temperature": cfg.temperature,
                                              "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-                                             "use_chat_template": cfg.use_chat_template}, cfg.values)
+                                             "use_chat_template": cfg.use_chat_template,
+                                             "prompt_template": cfg.prompt_template}, cfg.values)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
-        records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column)
+        records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column,
+                               cfg.prompt_template)
         records, prompt_ids = encode_prompts(self.tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
                                              cfg.on_long_prompt)
         keep, self.v_star, counts = load_v_star(values, [r["id"] for r in records], cfg.beta1, cfg.n,
@@ -113,7 +115,8 @@ class Trainer:
         self.eval_records: list[dict] = []
         self.eval_prompt_ids: list[list[int]] = []
         if cfg.eval_data:
-            ev = load_records(cfg.eval_data, cfg.eval_split, cfg.eval_limit, cfg.prompt_column, cfg.answer_column)
+            ev = load_records(cfg.eval_data, cfg.eval_split, cfg.eval_limit, cfg.prompt_column, cfg.answer_column,
+                              cfg.prompt_template)
             self.eval_records, self.eval_prompt_ids = encode_prompts(
                 self.tokenizer, ev, cfg.max_prompt_tokens, cfg.use_chat_template, cfg.on_long_prompt)
         self._perms: dict[int, list[int]] = {}

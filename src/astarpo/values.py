@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _META_KEY = b"astarpo"
 # Settings that change what is sampled; a resumed run or a training run must agree on them.
-SAMPLING_KEYS = ("reference_model_hash", "reward", "temperature", "top_p", "max_new_tokens", "use_chat_template")
+SAMPLING_KEYS = ("reference_model_hash", "reward", "temperature", "top_p", "max_new_tokens", "use_chat_template",
+                 "prompt_template")
 
 
 class ValuesError(ValueError):
@@ -76,7 +77,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         "reward": reward_name, "n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p,
         "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "data": cfg.data, "split": cfg.split,
         "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens, "use_chat_template": cfg.use_chat_template,
-        "shard_size": cfg.shard_size,
+        "prompt_template": cfg.prompt_template, "shard_size": cfg.shard_size,
     }
     if out.exists():
         old = read_values(out).provenance
@@ -99,7 +100,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         prov_path.write_text(json.dumps(provenance, indent=1))
 
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
-    records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column)
+    records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column, cfg.prompt_template)
     records, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
                                          cfg.on_long_prompt)
     n_shards = math.ceil(len(records) / cfg.shard_size)

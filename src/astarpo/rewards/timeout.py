@@ -55,16 +55,18 @@ class GraderPoolError(RuntimeError):
 
 
 def default_workers() -> int:
-    """Worker processes per pool: ``$ASTARPO_GRADER_WORKERS``, else one per usable core but one, at most 8.
+    """Worker processes per pool: ``$ASTARPO_GRADER_WORKERS``, else one per usable core, at most 8.
 
-    One core stays with the calling process (dispatch costs it ~0.1 ms per call); a math grade costs a worker
-    ~4 ms, so 8 workers keep up with any generation speed and more would only add start-up time and memory.
+    The caller only dispatches while a batch is graded (~0.1 ms per call), so every core can grade: on 2 cores,
+    500 MATH500 answers graded at 238/s with 1 worker and 405/s with 2 (in-process, no time limit: 222/s). A math
+    grade costs a worker ~4 ms, so 8 workers keep up with any generation speed; more would only add start-up
+    time and memory.
     """
     env = os.environ.get("ASTARPO_GRADER_WORKERS")
     if env:
         return max(1, int(env))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores - 1, 8))
+    return max(1, min(cores, 8))
 
 
 # ---------------------------------------------------------------------------------------------------------------
