@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from astarpo.benchmarks import load_benchmark
+from astarpo.benchmarks import BENCHMARKS, load_benchmark
 from astarpo.cli import main
 
 DATA = Path(os.environ.get("ASTARPO_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 pytestmark = pytest.mark.skipif(not (DATA / "gsm8k" / "test.jsonl").is_file(), reason=f"no benchmark data in {DATA}")
-NAMES = ["gsm8k", "math500", "aime24"]
+NAMES = list(BENCHMARKS)  # all six, a couple of problems each
 evaluate_module = importlib.import_module("astarpo.evaluate")  # `astarpo.evaluate` is the function
 
 
@@ -56,7 +56,7 @@ def test_benchmarks_table_json_and_markdown(tiny_chat_model, tmp_path, capsys):
     table = (tmp_path / "eval" / "result.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("|")]
     assert lines[0] == ("| benchmark | prompts | pass@1 (%) | avg@2 (%) | pass@2 (%) | KL to ref | response tokens |")
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| gsm8k", "| math500", "| aime24", "| **Average**"]
+    assert [line.split(" | ")[0] for line in lines[2:]] == [f"| {n}" for n in NAMES] + ["| **Average**"]
     assert lines[-1].startswith("| **Average** | 6 |")
     assert capsys.readouterr().out == table
     assert not (tmp_path / "eval" / "result.json.parts").exists()
@@ -80,7 +80,7 @@ def test_benchmarks_resume_after_interruption_equals_uninterrupted(tiny_model, t
 
     monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
     assert main(_argv(tiny_model, out, "--k", "2")) == 0
-    assert evaluated == ["math500", "aime24"]  # gsm8k came from its saved part
+    assert evaluated == NAMES[1:]  # gsm8k came from its saved part
     assert not parts.exists()
     full, resumed = json.loads((tmp_path / "full.json").read_text()), json.loads(out.read_text())
     assert _without_timings(resumed) == _without_timings(full)
