@@ -63,6 +63,12 @@ def shard_seed(seed: int, shard: int) -> int:
     return (seed * 1_000_003 + shard) % (2**63)
 
 
+def cpu_processes() -> bool:
+    """True when launched as several processes on a machine without CUDA: accelerate then needs ``cpu=True``
+    to join them over gloo (otherwise each process would run alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def check_writable(directory: Path) -> None:
     """Fail before any sampling if results could not be saved (read-only, full disk, a file in the way)."""
     try:
@@ -97,7 +103,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens, "use_chat_template": cfg.use_chat_template,
         "prompt_template": cfg.prompt_template, "shard_size": cfg.shard_size,
     }
-    state = PartialState()  # rank and world size under `accelerate launch`; one process otherwise
+    state = PartialState(cpu=cpu_processes())  # rank and world size under `accelerate launch`; one process otherwise
     if out.exists():
         old = read_values(out).provenance
         diff = diff_settings(old, provenance, ignore=("astarpo_version", "created_at", "prompts", "skipped", "seconds"))
