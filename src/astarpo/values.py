@@ -80,7 +80,8 @@ def check_writable(directory: Path) -> None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise ValuesError(f"cannot write to {directory} ({e.strerror or e}); choose a writable output location "
+        reason = "Not a directory" if directory.exists() and not directory.is_dir() else e.strerror or str(e)
+        raise ValuesError(f"cannot write to {directory} ({reason}); choose a writable output location "
                           "with free space") from e
 
 
