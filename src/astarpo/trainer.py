@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from . import rewards
@@ -126,6 +126,7 @@ class Trainer:
             self.eval_records, self.eval_prompt_ids = encode_prompts(
                 self.tokenizer, ev, cfg.max_prompt_tokens, cfg.use_chat_template, cfg.on_long_prompt)
         self._perms: dict[int, list[int]] = {}
+        self._write_run_config()
 
     # ----- run directory, checkpoints -------------------------------------------------------------------------
     def _claim_run_dir(self) -> None:
@@ -142,9 +143,12 @@ class Trainer:
             if diff:
                 raise TrainError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
                                  "resume with the same settings or choose another --output-dir")
-        state = PartialState(cpu=cpu_processes())
-        state.wait_for_everyone()  # every process has compared with the old file before it is replaced
-        if state.is_main_process:
+
+    def _write_run_config(self) -> None:
+        """Written once the inputs have been checked, so that bad input leaves no file behind."""
+        cfg_file = self.out / "train_config.json"
+        self.accelerator.wait_for_everyone()  # every process has compared with the old file before it is replaced
+        if self.accelerator.is_main_process:
             tmp = cfg_file.with_name(f".{cfg_file.name}.tmp")
             tmp.write_text(json.dumps(to_dict(self.cfg), indent=1))
             os.replace(tmp, cfg_file)

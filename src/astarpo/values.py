@@ -114,6 +114,11 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         log.info("%s is already complete", out)
         return out
     check_writable(out.parent)
+    # Bad data fails here, before anything is written.
+    tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
+    records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column, cfg.prompt_template)
+    records, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
+                                         cfg.on_long_prompt)
     shards_dir = out.with_name(out.name + ".shards")
     prov_path = shards_dir / "provenance.json"
     if prov_path.exists():  # every process checks before any writes, so all of them fail alike
@@ -128,10 +133,6 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
             prov_path.write_text(json.dumps(provenance, indent=1))
     state.wait_for_everyone()
 
-    tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
-    records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column, cfg.prompt_template)
-    records, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
-                                         cfg.on_long_prompt)
     n_shards = math.ceil(len(records) / cfg.shard_size)
     mine = range(state.process_index, n_shards, state.num_processes)
     todo = [k for k in mine if not (shards_dir / f"shard-{k:05d}.parquet").exists()]
