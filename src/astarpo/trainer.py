@@ -11,6 +11,7 @@ directories plus accelerate's optimizer and RNG state, so a killed run resumes w
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from . import rewards
 from .config import TrainConfig, to_dict
@@ -33,7 +34,7 @@ from .evaluate import RUN_FILE, evaluate
 from .generation import Rollout, collate, response_logprobs, sample, sequence_logprobs
 from .models import add_lora, content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .objectives import astarpo_loss
-from .values import check_provenance, load_v_star, read_values
+from .values import ValuesError, check_provenance, check_writable, cpu_processes, load_v_star, read_values
 
 log = logging.getLogger(__name__)
 # Changing these between a run and its resume would make the resumed run a different experiment.
@@ -64,7 +65,7 @@ class Trainer:
         self._claim_run_dir()
         tensorboard = importlib.util.find_spec("tensorboard") is not None
         self.accelerator = Accelerator(log_with="tensorboard" if tensorboard else None, project_dir=self.out,
-                                       mixed_precision=cfg.mixed_precision)
+                                       mixed_precision=cfg.mixed_precision, cpu=cpu_processes())
         set_seed(cfg.seed)
 
         self.model_dir = resolve_model(cfg.model)
@@ -91,6 +92,11 @@ class Trainer:
         self.prompt_ids = [prompt_ids[i] for i in keep]
         self.unsolved_dropped = counts["unsolved_dropped"]
         self.steps = cfg.steps or math.ceil(len(self.records) / cfg.batch_size)
+        world, mini = self.accelerator.num_processes, cfg.mini_batch_size or cfg.batch_size
+        smallest = min(mini, cfg.batch_size % mini or mini)
+        if smallest < world:  # every process needs a sample in every mini-batch to take part in the update
+            raise TrainError(f"a mini-batch of {smallest} samples cannot be split over {world} processes; make "
+                             "batch_size and mini_batch_size multiples of the number of processes")
 
         policy = load_model(self.model_dir, cfg.dtype, cfg.trust_remote_code)
         self.eos = eos_ids(policy, self.tokenizer)
@@ -120,11 +126,15 @@ class Trainer:
             self.eval_records, self.eval_prompt_ids = encode_prompts(
                 self.tokenizer, ev, cfg.max_prompt_tokens, cfg.use_chat_template, cfg.on_long_prompt)
         self._perms: dict[int, list[int]] = {}
+        self._write_run_config()
 
     # ----- run directory, checkpoints -------------------------------------------------------------------------
     def _claim_run_dir(self) -> None:
         """Refuse to mix two different runs in one output directory."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            check_writable(self.out)  # before any model loading or sampling
+        except ValuesError as e:
+            raise TrainError(str(e)) from e
         cfg_file = self.out / "train_config.json"
         mine = {k: v for k, v in to_dict(self.cfg).items() if k in _RUN_KEYS}
         if cfg_file.is_file():
@@ -133,9 +143,15 @@ class Trainer:
             if diff:
                 raise TrainError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
                                  "resume with the same settings or choose another --output-dir")
-        if not os.access(self.out, os.W_OK):
-            raise TrainError(f"{self.out} is not writable")
-        cfg_file.write_text(json.dumps(to_dict(self.cfg), indent=1))
+
+    def _write_run_config(self) -> None:
+        """Written once the inputs have been checked, so that bad input leaves no file behind."""
+        cfg_file = self.out / "train_config.json"
+        self.accelerator.wait_for_everyone()  # every process has compared with the old file before it is replaced
+        if self.accelerator.is_main_process:
+            tmp = cfg_file.with_name(f".{cfg_file.name}.tmp")
+            tmp.write_text(json.dumps(to_dict(self.cfg), indent=1))
+            os.replace(tmp, cfg_file)
 
     def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
         # Write the policy as a Hugging Face directory instead of accelerate's bare state dict.
@@ -171,6 +187,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()  # each process writes its own RNG state into tmp
         if self.accelerator.is_main_process:
             self._write_run_file(tmp, step)
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
@@ -208,52 +225,75 @@ class Trainer:
         return out
 
     def train_step(self, step: int) -> dict[str, float]:
+        """One step. Under ``accelerate launch`` process r takes rows r::world of each global mini-batch.
+
+        Each process scales its summed per-sample losses by world / (valid samples in the global mini-batch);
+        DDP averages gradients over processes, so the update equals the single-process one on the whole
+        mini-batch. The number of optimizer updates does not depend on the number of processes.
+        """
         cfg, acc = self.cfg, self.accelerator
+        rank, world = acc.process_index, acc.num_processes
         t0 = time.perf_counter()
         idx = self._batch(step)
+        mini = cfg.mini_batch_size or cfg.batch_size
+        minis = [range(m0, min(m0 + mini, len(idx))) for m0 in range(0, len(idx), mini)]
+        mine = list(range(rank, len(idx), world))  # positions in the global batch that this process handles
+        my_idx = [idx[g] for g in mine]
         policy = acc.unwrap_model(self.policy)
         with acc.autocast():
-            roll = sample(policy, self.tokenizer, [self.prompt_ids[i] for i in idx], 1, cfg.temperature, cfg.top_p,
-                          cfg.max_new_tokens, self.eos, cfg.generation_batch_size)
+            roll = sample(policy, self.tokenizer, [self.prompt_ids[i] for i in my_idx], 1, cfg.temperature,
+                          cfg.top_p, cfg.max_new_tokens, self.eos, cfg.generation_batch_size)
         gen_seconds = time.perf_counter() - t0
         extra = [c for c in self.records[0] if c not in ("id", "prompt")]
         reward = torch.tensor(rewards.score(
-            self.reward_fn, [self.records[i]["prompt"] for i in idx], roll.completions,
-            {c: [self.records[i][c] for i in idx] for c in extra}, cfg.on_reward_error), dtype=torch.float32)
-        ok = (~reward.isnan()).nonzero().flatten().tolist()  # on_reward_error=skip: drop failed samples
-        if not ok:
+            self.reward_fn, [self.records[i]["prompt"] for i in my_idx], roll.completions,
+            {c: [self.records[i][c] for i in my_idx] for c in extra}, cfg.on_reward_error), dtype=torch.float32)
+        valid = ~reward.isnan()  # on_reward_error=skip: failed samples get zero weight
+        reward = reward.nan_to_num(0.0)
+        # Valid samples per global mini-batch, summed over processes: the loss's denominator.
+        counts = torch.tensor([float(valid[[j for j, g in enumerate(mine) if g in m]].sum()) for m in minis])
+        counts = acc.reduce(counts.to(acc.device), "sum").cpu() if world > 1 else counts
+        if counts.sum() == 0:
             raise TrainError(f"step {step}: the reward failed for every sample")
-        roll, reward = roll.select(ok), reward[ok]
-        v = self.v_star[[idx[i] for i in ok]].float()
+        v = self.v_star[my_idx].float()
         pad = self.tokenizer.pad_token_id
         ref_logp = self.reference_logprobs(roll)
 
-        mini = cfg.mini_batch_size or cfg.batch_size
         logp_all = torch.zeros(len(roll))
-        losses, grad_norms = [], []
+        loss_all = torch.zeros(len(roll))
+        grad_norms = []
         self.policy.train()
-        for m0 in range(0, len(roll), mini):
-            rows = list(range(m0, min(m0 + mini, len(roll))))
+        for m, count in zip(minis, counts.tolist()):
+            if count == 0:
+                continue  # every process sees the same count, so all skip this update together
+            rows = [j for j, g in enumerate(mine) if g in m]
+            micros = [rows[u0 : u0 + cfg.micro_batch_size] for u0 in range(0, len(rows), cfg.micro_batch_size)]
             self.optimizer.zero_grad(set_to_none=True)
-            for u0 in range(0, len(rows), cfg.micro_batch_size):
-                sub = rows[u0 : u0 + cfg.micro_batch_size]
+            for u, sub in enumerate(micros):
                 batch = collate(roll.select(sub), pad, acc.device)
-                logp = response_logprobs(self.policy, batch).sum(-1).float().cpu()
-                loss = astarpo_loss(logp, ref_logp[sub], reward[sub], v[sub], cfg.beta2)
-                acc.backward(loss.sum() / len(rows))
+                # Gradients are synchronised once per mini-batch, on its last micro-batch.
+                sync = acc.no_sync(self.policy) if u < len(micros) - 1 else contextlib.nullcontext()
+                with sync:
+                    logp = response_logprobs(self.policy, batch).sum(-1).float().cpu()
+                    loss = astarpo_loss(logp, ref_logp[sub], reward[sub], v[sub], cfg.beta2) * valid[sub]
+                    acc.backward(loss.sum() * world / count)
                 logp_all[sub] = logp.detach()
-                losses.append(loss.detach())
+                loss_all[sub] = loss.detach()
             grad_norms.append(float(acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)))
             self.optimizer.step()
         step_seconds = time.perf_counter() - t0
-        log_ratio = logp_all - ref_logp
-        n_tokens = sum(roll.lengths)
+        # Per-sample values from every process, averaged over valid samples (not a mean of per-process means).
+        per_sample = torch.stack([reward, v, loss_all, logp_all - ref_logp, torch.tensor(roll.lengths).float(),
+                                  torch.tensor(roll.truncated).float()], 1)[valid]
+        n_tokens = float(sum(roll.lengths))
+        if world > 1:
+            per_sample = torch.cat(gather_object([per_sample]))
+            n_tokens = sum(gather_object([n_tokens]))
+        reward_m, v_m, loss_m, log_ratio_m, length_m, truncated_m = per_sample.mean(0).tolist()
         return {
-            "step": step + 1, "reward": float(reward.mean()), "v_star": float(v.mean()),
-            "advantage": float((reward - v).mean()), "loss": float(torch.cat(losses).mean()),
-            "log_ratio": float(log_ratio.mean()), "kl": float(log_ratio.mean()),
-            "response_length": n_tokens / len(roll), "truncated": sum(roll.truncated) / len(roll),
-            "grad_norm": sum(grad_norms) / len(grad_norms), "skipped_samples": len(idx) - len(ok),
+            "step": step + 1, "reward": reward_m, "v_star": v_m, "advantage": reward_m - v_m, "loss": loss_m,
+            "log_ratio": log_ratio_m, "kl": log_ratio_m, "response_length": length_m, "truncated": truncated_m,
+            "grad_norm": sum(grad_norms) / len(grad_norms), "skipped_samples": len(idx) - len(per_sample),
             "generation_seconds": round(gen_seconds, 3), "step_seconds": round(step_seconds, 3),
             "tokens_per_second": n_tokens / step_seconds, "peak_memory_mb": round(peak_memory_mb(), 1),
             "learning_rate": self.optimizer.param_groups[0]["lr"],

@@ -8,6 +8,8 @@ sampling again. The output is one parquet file, one row per prompt (``id``, ``re
 
 Work is done in shards of prompts, each written atomically and seeded by its own index, so a killed run
 restarted with the same settings skips finished shards and ends with exactly the rows of an uninterrupted run.
+Under ``accelerate launch`` shard k is sampled by process k % world_size and rank 0 merges the shards; since a
+shard's samples depend only on its seed, the file is the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from . import __version__, rewards
@@ -60,6 +63,28 @@ def shard_seed(seed: int, shard: int) -> int:
     return (seed * 1_000_003 + shard) % (2**63)
 
 
+def cpu_processes() -> bool:
+    """True when launched as several processes on a machine without CUDA: accelerate then needs ``cpu=True``
+    to join them over gloo (otherwise each process would run alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any sampling if results could not be saved (read-only, full disk, a file in the way)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".astarpo-write-test-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        reason = "Not a directory" if directory.exists() and not directory.is_dir() else e.strerror or str(e)
+        raise ValuesError(f"cannot write to {directory} ({reason}); choose a writable output location "
+                          "with free space") from e
+
+
 def _write_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
@@ -79,6 +104,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens, "use_chat_template": cfg.use_chat_template,
         "prompt_template": cfg.prompt_template, "shard_size": cfg.shard_size,
     }
+    state = PartialState(cpu=cpu_processes())  # rank and world size under `accelerate launch`; one process otherwise
     if out.exists():
         old = read_values(out).provenance
         diff = diff_settings(old, provenance, ignore=("astarpo_version", "created_at", "prompts", "skipped", "seconds"))
@@ -87,36 +113,46 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
                               "choose another --output or delete it")
         log.info("%s is already complete", out)
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shards_dir = out.with_name(out.name + ".shards")
-    shards_dir.mkdir(exist_ok=True)
-    prov_path = shards_dir / "provenance.json"
-    if prov_path.exists():
-        diff = diff_settings(json.loads(prov_path.read_text()), provenance, ignore=("astarpo_version",))
-        if diff:
-            raise ValuesError(f"{shards_dir} holds an unfinished run with other settings ({diff}); "
-                              "resume with the same settings, or delete that folder to start over")
-    else:
-        prov_path.write_text(json.dumps(provenance, indent=1))
-
+    check_writable(out.parent)
+    # Bad data fails here, before anything is written.
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column, cfg.prompt_template)
     records, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
                                          cfg.on_long_prompt)
+    shards_dir = out.with_name(out.name + ".shards")
+    prov_path = shards_dir / "provenance.json"
+    if prov_path.exists():  # every process checks before any writes, so all of them fail alike
+        diff = diff_settings(json.loads(prov_path.read_text()), provenance, ignore=("astarpo_version",))
+        if diff:
+            raise ValuesError(f"{shards_dir} holds an unfinished run with other settings ({diff}); "
+                              "resume with the same settings, or delete that folder to start over")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shards_dir.mkdir(exist_ok=True)
+        if not prov_path.exists():
+            prov_path.write_text(json.dumps(provenance, indent=1))
+    state.wait_for_everyone()
+
     n_shards = math.ceil(len(records) / cfg.shard_size)
-    todo = [k for k in range(n_shards) if not (shards_dir / f"shard-{k:05d}.parquet").exists()]
+    mine = range(state.process_index, n_shards, state.num_processes)
+    todo = [k for k in mine if not (shards_dir / f"shard-{k:05d}.parquet").exists()]
     start = time.perf_counter()
     if todo:
-        model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code)
+        model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
         eos = eos_ids(model, tokenizer)
-        done_samples = (n_shards - len(todo)) * cfg.shard_size * cfg.n
-        with tqdm(total=len(records) * cfg.n, initial=min(done_samples, len(records) * cfg.n), unit="sample",
-                  desc="stage 1", dynamic_ncols=True) as bar:
+        my_prompts = sum(min(cfg.shard_size, len(records) - k * cfg.shard_size) for k in mine)
+        done_samples = (len(mine) - len(todo)) * cfg.shard_size * cfg.n
+        with tqdm(total=my_prompts * cfg.n, initial=min(done_samples, my_prompts * cfg.n), unit="sample",
+                  desc="stage 1", dynamic_ncols=True, disable=not state.is_main_process) as bar:
             for k in todo:
                 lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(records))
                 table = _sample_shard(cfg, model, tokenizer, eos, records[lo:hi], prompt_ids[lo:hi], reward_fn,
                                       shard_seed(cfg.seed, k), bar.update)
                 _write_atomic(table, shards_dir / f"shard-{k:05d}.parquet")
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        state.wait_for_everyone()  # until rank 0 has written the merged file
+        return out
     table = pa.concat_tables([pq.read_table(shards_dir / f"shard-{k:05d}.parquet") for k in range(n_shards)])
     skipped = len(records) - table.num_rows
     provenance.update(prompts=table.num_rows, skipped=skipped, seconds=round(time.perf_counter() - start, 2),
@@ -124,6 +160,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     table = table.replace_schema_metadata({_META_KEY: json.dumps(provenance).encode()})
     _write_atomic(table, out)
     shutil.rmtree(shards_dir)
+    state.wait_for_everyone()
     r = np.array(table.column("rewards").to_pylist(), dtype=float)
     log.info("stage 1: %d prompts x %d samples, mean reward %.3f, %d prompts with no success, %d skipped",
              len(r), cfg.n, r.mean() if r.size else float("nan"), int((r.max(1) <= 0).sum()) if r.size else 0,
