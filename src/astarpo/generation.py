@@ -8,6 +8,7 @@ masks are defined once.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,29 @@ def _trim(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
     return tokens, True
 
 
+def _generate_shared_prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
+                             gen_config: Any) -> torch.Tensor:
+    """generate() with ``num_return_sequences=n``, but each prompt is prefilled once, not ``n`` times.
+
+    The first P-1 prompt tokens go through the model once; their KV cache is repeated ``n`` times along the
+    batch and handed to generate() with the full, repeated prompt, so generate() only runs the last prompt
+    token and then decodes as usual. Positions come from the attention mask in both calls (left padding), so
+    the next-token distributions are those of the plain path. Returns [B * n, P + new] like generate().
+    """
+    from transformers import DynamicCache
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(n)
+    gen_config = copy.copy(gen_config)
+    gen_config.num_return_sequences = 1
+    return model.generate(input_ids=input_ids.repeat_interleave(n, dim=0),
+                          attention_mask=attention_mask.repeat_interleave(n, dim=0), past_key_values=cache,
+                          generation_config=gen_config)
+
+
 @torch.no_grad()
 def sample(
     model: Any,
@@ -92,11 +116,14 @@ def sample(
     eos: list[int],
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    shared_prefill: bool = True,
 ) -> Rollout:
     """``n`` responses for each prompt (``temperature == 0`` means greedy, then ``n`` must be 1).
 
     ``batch_size`` counts sequences per generate() call. Prompts are grouped by length so that little of a
     batch is padding. ``progress`` is called with the number of sequences finished after each call.
+    ``shared_prefill`` runs each prompt through the model once for its ``n`` samples (see
+    :func:`_generate_shared_prefill`); ``False`` is plain ``generate(num_return_sequences=n)``.
     """
     from transformers import GenerationConfig
 
@@ -122,8 +149,11 @@ def sample(
         for j, i in enumerate(idx):
             input_ids[j, P - len(prompt_tokens[i]) :] = torch.tensor(prompt_tokens[i])
             attention_mask[j, P - len(prompt_tokens[i]) :] = 1
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=gen_config)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if shared_prefill and n > 1:
+            out = _generate_shared_prefill(model, input_ids, attention_mask, n, gen_config)
+        else:
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
         gen = out[:, P:].tolist()
         for j, i in enumerate(idx):
             rows[i] = [_trim(g, eos_set) for g in gen[j * n : (j + 1) * n]]

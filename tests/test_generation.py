@@ -1,0 +1,76 @@
+"""Shared-prefill sampling draws from the same distribution as plain generate(num_return_sequences=n)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from astarpo.generation import _generate_shared_prefill, collate, response_logprobs, sample
+from astarpo.models import eos_ids, load_model, load_tokenizer
+from astarpo.tasks import ArithmeticTask
+
+
+def _setup(tiny_model, k: int = 6):
+    tok, model = load_tokenizer(tiny_model), load_model(tiny_model)
+    prompts = [tok(r["prompt"])["input_ids"] for r in ArithmeticTask().splits()["train"][:k]]
+    prompts = [p[j % 4:] for j, p in enumerate(prompts)]  # drop a few leading tokens: unequal lengths
+    assert len({len(p) for p in prompts}) > 1, "want prompts of different lengths (left padding)"
+    return tok, model.eval(), prompts
+
+
+def _padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for j, p in enumerate(prompts):
+        ids[j, P - len(p):], mask[j, P - len(p):] = torch.tensor(p), 1
+    return ids, mask
+
+
+def test_shared_prefill_same_logits_as_plain_generate(tiny_model):
+    tok, model, prompts = _setup(tiny_model)
+    ids, mask = _padded(prompts, tok.pad_token_id)
+    n = 3
+    cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, max_new_tokens=12, num_return_sequences=n,
+                           eos_token_id=eos_ids(model, tok), pad_token_id=tok.pad_token_id,
+                           output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        torch.manual_seed(0)
+        shared = _generate_shared_prefill(model, ids, mask, n, cfg)
+    # Same seed, same per-step distributions, same RNG use: the same tokens, and the same logits at every step.
+    assert torch.equal(plain.sequences, shared.sequences)
+    for a, b in zip(plain.logits, shared.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefill_sample_matches_plain_and_teacher_forcing(tiny_model):
+    tok, model, prompts = _setup(tiny_model)
+    eos = eos_ids(model, tok)
+    runs = {}
+    for shared in (True, False):
+        torch.manual_seed(1)
+        runs[shared] = sample(model, tok, prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=10, eos=eos,
+                              batch_size=8, shared_prefill=shared)
+    a, b = runs[True], runs[False]
+    assert a.prompt_index == b.prompt_index and a.response_tokens == b.response_tokens
+    assert a.truncated == b.truncated and a.completions == b.completions
+    for r, t in zip(a.response_tokens, a.truncated):  # EOS ends a response, nothing after it
+        assert all(x not in eos for x in r[:-1]) and (t or r[-1] in eos)
+    # The sampled tokens score the same under teacher forcing whichever path drew them.
+    batch = collate(a, tok.pad_token_id)
+    with torch.no_grad():
+        logp = response_logprobs(model, batch)
+    assert torch.isfinite(logp).all() and (logp <= 0).all()
+
+
+def test_shared_prefill_greedy_equals_plain(tiny_model):
+    tok, model, prompts = _setup(tiny_model, k=10)
+    eos = eos_ids(model, tok)
+    ids, mask = _padded(prompts, tok.pad_token_id)
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        shared = _generate_shared_prefill(model, ids, mask, 2, cfg)
+    assert torch.equal(plain.repeat_interleave(2, dim=0), shared)
