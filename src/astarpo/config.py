@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import yaml
 
 from .benchmarks import BENCHMARKS
 from .models import DEFAULT_MODEL
+from .objectives import OBJECTIVES
 
 
 class ConfigError(ValueError):
@@ -73,29 +75,69 @@ class CommonConfig:
 class ValuesConfig(CommonConfig):
     """Stage 1: N reference samples per prompt, every reward stored."""
 
-    n: int = field(default=8, metadata={"help": "samples per prompt"})
+    n: int = field(default=8, metadata={"help": "samples per prompt (fixed N; see adaptive)"})
     output: str = "values.parquet"
     shard_size: int = field(default=64, metadata={"help": "prompts per shard (the unit of resume)"})
     save_responses: bool = field(default=False, metadata={"help": "store the response texts too"})
+    adaptive: bool = field(default=False, metadata={
+        "help": "sample in rounds and stop a prompt once its V* is settled (binary rewards; n does not apply)"})
+    round_size: int = field(default=4, metadata={"help": "adaptive: samples per prompt per round"})
+    n_max: int = field(default=32, metadata={"help": "adaptive: most samples per prompt"})
+    beta1: float = field(default=0.5, metadata={"help": "adaptive: the V* temperature the stopping rule assumes"})
+    confidence: float = field(default=0.9, metadata={"help": "adaptive: level of the Clopper-Pearson interval"})
+    tolerance: float = field(default=0.25, metadata={"help": "adaptive: stop once the V* interval is this narrow"})
+    unsolved_p: float = field(default=0.0, metadata={
+        "help": "adaptive: also stop a prompt with no success once its success rate is below this, at the same "
+                "confidence (0: off); such prompts are dropped by train's filter_unsolved anyway"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
-        if self.temperature == 0 and self.n > 1:
+        if self.adaptive:
+            self._check_adaptive()
+        if self.temperature == 0 and self.n > 1 and not self.adaptive:
             raise ConfigError("temperature 0 (greedy) gives the same response N times; V* needs sampling")
         if self.shard_size < 1:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
 
+    def _check_adaptive(self) -> None:
+        if self.n != 8:  # the field's default: a changed n would be silently ignored
+            raise ConfigError("n does not apply with adaptive (rows get round_size..n_max samples); "
+                              "set n_max and round_size instead")
+        if self.round_size < 1:
+            raise ConfigError(f"round_size must be >= 1, got {self.round_size}")
+        if self.n_max < self.round_size or self.n_max % self.round_size:
+            raise ConfigError(f"n_max must be a multiple of round_size={self.round_size} (at least one round), "
+                              f"got {self.n_max}")
+        if self.temperature == 0:
+            raise ConfigError("temperature 0 (greedy) gives the same response every round; adaptive needs sampling")
+        if not self.beta1 > 0:
+            raise ConfigError(f"beta1 must be > 0 (inf for the mean), got {self.beta1}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
+        if not self.tolerance > 0:
+            raise ConfigError(f"tolerance must be > 0, got {self.tolerance}")
+        if not 0 <= self.unsolved_p < 1:
+            raise ConfigError(f"unsolved_p must be in [0, 1), got {self.unsolved_p}")
+
 
 @dataclass
 class TrainConfig(CommonConfig):
-    """Stage 2: one on-policy sample per prompt, least-squares regression onto the optimal advantage."""
+    """Stage 2: A*-PO (one on-policy sample per prompt, least-squares regression onto the optimal advantage), or
+    one of the baselines it is compared with, in the same loop."""
 
-    values: str = field(default="values.parquet", metadata={"help": "Stage 1 output"})
+    algo: str = field(default="astarpo", metadata={"help": "astarpo | grpo | rloo | rebel | ppo"})
+    values: str | None = field(default=None, metadata={"help": "Stage 1 output (astarpo only; required there)"})
     output_dir: str = "runs/train"
-    beta1: float = field(default=0.5, metadata={"help": "V* temperature; inf gives the mean reward"})
-    beta2: float = field(default=1e-3, metadata={"help": "KL coefficient in the loss"})
+    beta1: float = field(default=0.5, metadata={"help": "V* temperature; inf gives the mean reward (astarpo)"})
+    beta2: float = field(default=1e-3, metadata={
+        "help": "KL coefficient: astarpo's beta2, rebel's 1/eta; the KL penalty weight of grpo/rloo/ppo (0: none, "
+                "and no reference model)"})
+    group_size: int | None = field(default=None, metadata={
+        "help": "responses per prompt for grpo (default 8) and rloo (default 4); astarpo and ppo use 1, rebel 2"})
+    clip_eps: float = field(default=0.2, metadata={"help": "ratio clipping of grpo, rloo and ppo"})
+    gae_lambda: float = field(default=0.95, metadata={"help": "ppo's GAE lambda"})
     n: int | None = field(default=None, metadata={"help": "use the first N stored samples for V* (default all)"})
     filter_unsolved: bool = field(default=True, metadata={"help": "drop prompts whose N samples all fail"})
     learning_rate: float = 1e-6
@@ -124,12 +166,27 @@ class TrainConfig(CommonConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("algo", self.algo, tuple(OBJECTIVES))
+        if self.algo != "astarpo" and self.values is not None:
+            raise ConfigError(f"values apply only to algo astarpo; {self.algo} does not use a Stage 1 file")
+        if self.group_size is not None:
+            if self.algo in ("grpo", "rloo") and self.group_size < 2:
+                raise ConfigError(f"group_size must be >= 2 for {self.algo}, got {self.group_size}")
+            fixed = {"astarpo": 1, "ppo": 1, "rebel": 2}.get(self.algo)
+            if fixed is not None and self.group_size != fixed:
+                raise ConfigError(f"{self.algo} samples {fixed} response(s) per prompt; drop group_size")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if not 0 <= self.gae_lambda <= 1:
+            raise ConfigError(f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if not self.beta1 > 0:
             raise ConfigError(f"beta1 must be > 0 (inf for the mean), got {self.beta1}")
-        if not (self.beta2 > 0 and math.isfinite(self.beta2)):
+        if self.algo in ("astarpo", "rebel") and not (self.beta2 > 0 and math.isfinite(self.beta2)):
             raise ConfigError(f"beta2 must be a positive number, got {self.beta2}")
+        if not (self.beta2 >= 0 and math.isfinite(self.beta2)):
+            raise ConfigError(f"beta2 must be a number >= 0, got {self.beta2}")
         if self.n is not None and self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
         if self.learning_rate <= 0:
@@ -194,6 +251,65 @@ class EvalConfig(CommonConfig):
         return [b.strip() for b in (self.benchmarks or "").split(",") if b.strip()]
 
 
+@dataclass
+class BenchConfig:
+    """`astarpo bench`: which methods to compare and on how much work; the training recipe is the quickstart's."""
+
+    algos: str = field(default="astarpo,grpo,rloo,rebel,ppo", metadata={"help": "comma list of methods"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id, local directory, .gguf file, or "
+                                                                 f"{DEFAULT_MODEL!r}"})
+    external: str = field(default="", metadata={"help": "comma list of TRL trainers to add as rows: trl-grpo, "
+                                                        "trl-a2po (needs trl: pip install 'astarpo[trl]')"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per step, the same for every method"})
+    steps: int = field(default=24, metadata={"help": "Stage 2 steps per method"})
+    eval_every: int = field(default=6, metadata={"help": "steps per segment; the checkpoint is scored after each"})
+    train_prompts: int = field(default=160, metadata={"help": "training prompts (A*-PO's Stage 1 runs on these)"})
+    eval_limit: int = field(default=100, metadata={"help": "held-out prompts scored after each segment"})
+    target_accuracy: float | None = field(default=None, metadata={
+        "help": "accuracy whose time-to-reach is reported (default: halfway from the untrained model's accuracy "
+                "to the best any method reached)"})
+    output_dir: str = "runs/bench"
+    json: str | None = field(default=None, metadata={"help": "also write the raw figures here"})
+    quick: bool = field(default=False, metadata={"help": "a few minutes: 2 steps of 4 prompts, 32 training and "
+                                                         "20 held-out prompts"})
+
+    def __post_init__(self) -> None:
+        sizes = {"batch_size": 4, "steps": 2, "eval_every": 2, "train_prompts": 32, "eval_limit": 20}
+        if self.quick:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [n for n in sizes if getattr(self, n) != defaults[n]]
+            if changed:
+                raise ConfigError(f"quick sets {', '.join(changed)} itself; drop quick or those settings")
+            for name, value in sizes.items():
+                setattr(self, name, value)
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for algo in self.algo_names:
+            _choice("algos", algo, tuple(OBJECTIVES))
+        for name in self.external_names:
+            _choice("external", name, ("trl-grpo", "trl-a2po"))
+        if self.external_names and importlib.util.find_spec("trl") is None:
+            raise ConfigError("external TRL rows need trl: pip install 'astarpo[trl]'")
+        if not self.algo_names or len(set(self.algo_names)) < len(self.algo_names):
+            raise ConfigError(f"algos must list each method once, got {self.algos!r}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+
+    @property
+    def algo_names(self) -> list[str]:
+        return [a.strip() for a in self.algos.split(",") if a.strip()]
+
+    @property
+    def external_names(self) -> list[str]:
+        return [a.strip() for a in self.external.split(",") if a.strip()]
+
+    @property
+    def segments(self) -> list[int]:
+        """The step at which each segment ends."""
+        return sorted({*range(self.eval_every, self.steps, self.eval_every), self.steps})
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Turn a YAML or CLI value into the field's type (so 'inf', '1e-6' and 'true' work everywhere)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -222,14 +338,15 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(f"{name} must be {base.__name__}, got {value!r}") from None
 
 
-SECTIONS = {"ValuesConfig": "values", "TrainConfig": "train", "EvalConfig": "eval"}
+SECTIONS = {"ValuesConfig": "values", "TrainConfig": "train", "EvalConfig": "eval", "BenchConfig": "bench"}
 
 
 def build(cls: type, yaml_path: str | None = None, **overrides: Any) -> Any:
     """A validated ``cls`` from defaults, then the YAML file, then ``overrides`` (e.g. parsed CLI flags).
 
     One YAML file can serve a whole recipe: top-level keys are shared by every command that has them, and the
-    sections ``values:``, ``train:`` and ``eval:`` hold each command's own settings (they win over shared ones).
+    sections ``values:``, ``train:``, ``eval:`` and ``bench:`` hold each command's own settings (they win over
+    shared ones).
     """
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -241,8 +358,8 @@ def build(cls: type, yaml_path: str | None = None, **overrides: Any) -> Any:
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict) or any(not isinstance(loaded.get(s, {}) or {}, dict)
                                                for s in SECTIONS.values()):
-            raise ConfigError(f"{yaml_path}: expected a mapping of settings (sections values/train/eval too)")
-        anywhere = {f.name for c in (ValuesConfig, TrainConfig, EvalConfig) for f in dataclasses.fields(c)}
+            raise ConfigError(f"{yaml_path}: expected a mapping of settings (sections values/train/eval/bench too)")
+        anywhere = {f.name for c in (ValuesConfig, TrainConfig, EvalConfig, BenchConfig) for f in dataclasses.fields(c)}
         shared = {k: v for k, v in loaded.items() if k not in SECTIONS.values()}
         typos = sorted(set(shared) - anywhere)
         if typos:

@@ -169,14 +169,22 @@ def sample(
 
 
 @torch.no_grad()
-def sequence_logprobs(model: Any, rollout: Rollout, pad_id: int, micro_batch_size: int = 8) -> torch.Tensor:
-    """Summed response log-probs per row, without gradients (reference scoring, KL estimates); shape [B]."""
+def token_logprobs(model: Any, rollout: Rollout, pad_id: int, micro_batch_size: int = 8,
+                   fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] = response_logprobs) -> torch.Tensor:
+    """Per-token values of ``fn(model, batch)`` (default: response log-probs) without gradients, as one
+    [rows, longest response] tensor on the CPU, zero past each response."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
+    out = torch.zeros(len(rollout), max(1, max(rollout.lengths, default=1)))
     for start in range(0, len(rollout), micro_batch_size):
         rows = list(range(start, min(start + micro_batch_size, len(rollout))))
-        out.append(response_logprobs(model, collate(rollout.select(rows), pad_id, device)).sum(-1).float().cpu())
+        values = fn(model, collate(rollout.select(rows), pad_id, device)).float().cpu()
+        out[start : start + len(rows), : values.shape[1]] = values
     model.train(was_training)
-    return torch.cat(out)
+    return out
+
+
+def sequence_logprobs(model: Any, rollout: Rollout, pad_id: int, micro_batch_size: int = 8) -> torch.Tensor:
+    """Summed response log-probs per row, without gradients (reference scoring, KL estimates); shape [B]."""
+    return token_logprobs(model, rollout, pad_id, micro_batch_size).sum(-1)

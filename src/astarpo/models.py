@@ -167,3 +167,26 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if not eos:
         raise ValueError("the model has no end-of-sequence token; set eos_token_id in its generation_config.json")
     return eos
+
+
+class ValueModel(torch.nn.Module):
+    """PPO's critic: the base model's transformer (no LM head) with a scalar head, V(x, y_<t) for every response
+    token t, read at the position that predicts token t. A second full network with its own optimizer state:
+    the memory A*-PO and the critic-free baselines do not pay."""
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> None:
+        from transformers import AutoModel
+
+        super().__init__()
+        self.backbone = AutoModel.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                  trust_remote_code=trust_remote_code, use_safetensors=True)
+        self.head = torch.nn.Linear(self.backbone.config.hidden_size, 1, dtype=getattr(torch, dtype))
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Values [B, R] for a :func:`astarpo.generation.collate` batch, zero outside the response mask."""
+        R = batch["response_mask"].shape[1]
+        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        return self.head(hidden[:, -(R + 1) : -1]).squeeze(-1).float() * batch["response_mask"]

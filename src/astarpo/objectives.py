@@ -1,12 +1,36 @@
-"""Per-sequence losses. Each takes summed response log-probs and returns one loss value per sequence."""
+"""Stage 2 objectives: A*-PO and the baselines it is measured against, each next to its formula.
+
+The trainer's loop is the same for all of them: sample ``group_size`` responses per prompt from the current
+policy, score them, compute what the objective asks for without gradients (reference log-probs, log-probs under
+the sampling policy, critic values), call :meth:`Objective.prepare` once per step (advantages), then for every
+micro-batch call :meth:`Objective.loss`, which returns one loss per prompt; the batch loss is their mean.
+Adding an objective means writing one class here and listing it in ``OBJECTIVES``; the loop does not change.
+
+Notation: per-token tensors are [B, T] with ``mask`` 1 on response tokens (EOS included); rows are samples,
+``group_size`` consecutive rows per prompt. ``old_logp`` is log pi_old, the policy that drew the samples.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
+Tensor = torch.Tensor
+_EPS = 1e-4  # keeps group-normalised advantages finite when every sample of a group got the same reward
 
-def astarpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, reward: torch.Tensor, v_star: torch.Tensor,
-                 beta2: float) -> torch.Tensor:
+
+def seq_sum(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum(-1)
+
+
+def seq_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+# ----- the losses, as pure functions -------------------------------------------------------------------------
+def astarpo_loss(logp: Tensor, ref_logp: Tensor, reward: Tensor, v_star: Tensor, beta2: float) -> Tensor:
     """A*-PO: least-squares regression of the scaled log-ratio onto the optimal advantage.
 
         loss(x, y) = ( beta2 * [log pi(y|x) - log pi_ref(y|x)]  -  (r(x, y) - V*(x)) )^2
@@ -16,3 +40,213 @@ def astarpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, reward: torch.Tenso
     and beta1 = beta2. The batch loss is the mean of these values.
     """
     return (beta2 * (logp - ref_logp) - (reward - v_star)) ** 2
+
+
+def clipped_pg(ratio: Tensor, advantage: Tensor, clip_eps: float) -> Tensor:
+    """PPO's clipped surrogate, as a loss: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)."""
+    return -torch.min(ratio * advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage)
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token KL(pi || pi_ref) estimate exp(q) - q - 1 with q = log pi_ref - log pi: unbiased, never negative."""
+    q = ref_logp - logp
+    return torch.exp(q) - q - 1
+
+
+def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
+    """GRPO: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), per group of ``group_size`` samples."""
+    r = reward.view(-1, group_size)
+    return ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + _EPS)).flatten()
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, advantage: Tensor, clip_eps: float,
+              beta: float) -> Tensor:
+    """GRPO (DeepSeekMath): per sequence, (1/|y|) sum_t [ clipped_pg(rho_t, A) + beta * k3_kl_t ], rho_t =
+    pi/pi_old at token t and A the sequence's group-normalised advantage. Returns one value per sequence."""
+    per_token = clipped_pg(torch.exp(logp - old_logp), advantage[:, None], clip_eps)
+    if beta:
+        per_token = per_token + beta * k3_kl(logp, ref_logp)
+    return seq_mean(per_token, mask)
+
+
+def rloo_advantages(reward: Tensor, group_size: int) -> Tensor:
+    """RLOO: A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline over the group (unbiased)."""
+    r = reward.view(-1, group_size)
+    return (r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)).flatten()
+
+
+def rloo_loss(logp: Tensor, old_logp: Tensor, mask: Tensor, advantage: Tensor, clip_eps: float) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): REINFORCE with the leave-one-out baseline, on the whole sequence. The
+    sequence ratio rho = pi(y)/pi_old(y) is 1 on-policy (the gradient is then -A * grad log pi(y)) and is
+    clipped like PPO when several updates use one batch."""
+    return clipped_pg(torch.exp(seq_sum(logp - old_logp, mask)), advantage, clip_eps)
+
+
+def rebel_loss(logp: Tensor, old_logp: Tensor, reward: Tensor, eta_inv: float) -> Tensor:
+    """REBEL (Gao et al. 2024): for two responses y, y' to one prompt, regress the difference of their
+    log-ratios to the sampling policy onto the difference of their rewards:
+
+        ( eta_inv * ( [log pi(y) - log pi_old(y)] - [log pi(y') - log pi_old(y')] ) - (r(y) - r(y')) )^2
+
+    Inputs are [P, 2] (summed log-probs, rewards); returns [P]."""
+    ratio = logp - old_logp
+    return (eta_inv * (ratio[:, 0] - ratio[:, 1]) - (reward[:, 0] - reward[:, 1])) ** 2
+
+
+def gae(token_reward: Tensor, values: Tensor, mask: Tensor, lam: float, gamma: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation along each response (right-padded rows); returns (advantages, returns).
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,     A_t = delta_t + gamma * lam * A_{t+1},     V_T = 0
+    """
+    T = token_reward.shape[1]
+    values = values * mask
+    adv = torch.zeros_like(token_reward)
+    last = torch.zeros(token_reward.shape[0], dtype=token_reward.dtype)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = token_reward[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, adv + values
+
+
+def ppo_loss(logp: Tensor, old_logp: Tensor, mask: Tensor, advantage: Tensor, values: Tensor, old_values: Tensor,
+             returns: Tensor, clip_eps: float, value_coef: float) -> Tensor:
+    """PPO (Schulman et al. 2017) as used for RLHF: per-token clipped surrogate with GAE advantages, plus a
+    clipped value loss for the critic, each averaged over the response tokens. Returns one value per sequence."""
+    policy = seq_mean(clipped_pg(torch.exp(logp - old_logp), advantage, clip_eps), mask)
+    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    value = seq_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
+    return policy + value_coef * 0.5 * value
+
+
+# ----- what the loop hands an objective ------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Tensors for a set of rows: one step's samples in :meth:`Objective.prepare`, a micro-batch in :meth:`loss`.
+
+    Per-token fields are [B, T] and zero outside ``mask``; ``logp`` carries gradients in :meth:`loss` only.
+    Fields an objective does not ask for (``uses_*``) are None.
+    """
+
+    mask: Tensor
+    reward: Tensor  # [B]
+    logp: Tensor | None = None  # current policy
+    old_logp: Tensor | None = None  # the policy that sampled (uses_old_logp)
+    ref_logp: Tensor | None = None  # reference policy (uses_reference)
+    v_star: Tensor | None = None  # [B], from Stage 1 (uses_values)
+    values: Tensor | None = None  # critic, with gradients in loss() (uses_critic)
+    old_values: Tensor | None = None  # critic at sampling time (uses_critic)
+    advantage: Tensor | None = None  # [B] or [B, T], set by prepare()
+    returns: Tensor | None = None  # [B, T], set by prepare() (PPO)
+
+    def rows(self, rows: list[int], width: int, **fields: Tensor | None) -> Batch:
+        """A micro-batch: these rows, per-token fields cut to ``width`` tokens, plus ``fields`` (e.g. ``logp``)."""
+        def take(x: Tensor | None) -> Tensor | None:
+            if x is None:
+                return None
+            return x[rows, :width] if x.dim() == 2 else x[rows]
+
+        return Batch(**{f.name: take(getattr(self, f.name)) for f in dataclasses.fields(self)} | fields)
+
+
+class Objective:
+    """One Stage 2 algorithm. Subclasses set the class attributes and write ``loss`` (and ``prepare``)."""
+
+    name = ""
+    group_size = 1  # responses sampled per prompt
+    uses_values = False  # needs V* from a Stage 1 values file
+    uses_reference: bool | None = False  # needs log pi_ref per token (a frozen reference, or LoRA adapters
+    # disabled); None: only for a KL term, i.e. when beta > 0
+    uses_old_logp = False  # needs log pi_old per token (equal to the current policy's on the first update)
+    uses_critic = False  # trains a value model next to the policy
+
+    def __init__(self, beta: float, clip_eps: float = 0.2, group_size: int | None = None, gae_lambda: float = 0.95
+                 ) -> None:
+        self.beta, self.clip_eps, self.gae_lambda = beta, clip_eps, gae_lambda
+        if group_size is not None:  # the config allows it only where the method has a free group size
+            self.group_size = group_size
+        if self.uses_reference is None:
+            self.uses_reference = beta > 0
+
+    def prepare(self, b: Batch) -> None:
+        """Once per step, before any update, on all of this process's samples: fill in ``b.advantage``."""
+
+    def loss(self, b: Batch) -> Tensor:
+        """One loss per prompt in the micro-batch (whole groups), shape [B // group_size]."""
+        raise NotImplementedError
+
+
+class AStarPO(Objective):
+    """A*-PO: one sample per prompt, V* from Stage 1, no critic, no clipping, no group."""
+
+    name, uses_values, uses_reference = "astarpo", True, True
+
+    def loss(self, b: Batch) -> Tensor:
+        return astarpo_loss(seq_sum(b.logp, b.mask), seq_sum(b.ref_logp, b.mask), b.reward, b.v_star, self.beta)
+
+
+class GRPO(Objective):
+    """GRPO with DeepSeekMath's k3 KL term weighted by ``beta`` (0 drops it and the reference model)."""
+
+    name, group_size, uses_old_logp, uses_reference = "grpo", 8, True, None
+
+    def prepare(self, b: Batch) -> None:
+        b.advantage = grpo_advantages(b.reward, self.group_size)
+
+    def loss(self, b: Batch) -> Tensor:
+        per_seq = grpo_loss(b.logp, b.old_logp, b.ref_logp, b.mask, b.advantage, self.clip_eps, self.beta)
+        return per_seq.view(-1, self.group_size).mean(-1)
+
+
+class RLOO(Objective):
+    """RLOO with the sequence-level KL penalty in the reward, r - beta * log(pi_old / pi_ref)."""
+
+    name, group_size, uses_old_logp, uses_reference = "rloo", 4, True, None
+
+    def prepare(self, b: Batch) -> None:
+        reward = b.reward
+        if self.beta:
+            reward = reward - self.beta * seq_sum(b.old_logp - b.ref_logp, b.mask)
+        b.advantage = rloo_advantages(reward, self.group_size)
+
+    def loss(self, b: Batch) -> Tensor:
+        per_seq = rloo_loss(b.logp, b.old_logp, b.mask, b.advantage, self.clip_eps)
+        return per_seq.view(-1, self.group_size).mean(-1)
+
+
+class REBEL(Objective):
+    """REBEL on pairs of responses, with ``beta`` in the role of 1/eta (A*-PO's beta2 plays the same part)."""
+
+    name, group_size, uses_old_logp = "rebel", 2, True
+
+    def loss(self, b: Batch) -> Tensor:
+        pair = lambda x: x.view(-1, 2)  # noqa: E731
+        return rebel_loss(pair(seq_sum(b.logp, b.mask)), pair(seq_sum(b.old_logp, b.mask)), pair(b.reward),
+                          self.beta)
+
+
+class PPO(Objective):
+    """PPO with a learned critic, GAE (gamma 1) and the per-token KL penalty -beta * log(pi_old/pi_ref) in the
+    reward, the task reward landing on the last response token. Advantages are whitened over the batch."""
+
+    name, uses_old_logp, uses_critic, uses_reference = "ppo", True, True, None
+    value_coef = 0.1  # weight of the value loss next to the policy loss (TRL's PPO default)
+
+    def prepare(self, b: Batch) -> None:
+        token_reward = torch.zeros_like(b.mask)
+        if self.beta:
+            token_reward = -self.beta * (b.old_logp - b.ref_logp) * b.mask
+        last = (b.mask.sum(-1).long() - 1).clamp(min=0)
+        token_reward[torch.arange(len(last)), last] += b.reward
+        adv, b.returns = gae(token_reward, b.old_values, b.mask, self.gae_lambda)
+        valid = b.mask.bool()
+        mean, std = adv[valid].mean(), adv[valid].std() if valid.sum() > 1 else torch.tensor(1.0)
+        b.advantage = (adv - mean) / (std + 1e-8) * b.mask
+
+    def loss(self, b: Batch) -> Tensor:
+        return ppo_loss(b.logp, b.old_logp, b.mask, b.advantage, b.values, b.old_values, b.returns, self.clip_eps,
+                        self.value_coef)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (AStarPO, GRPO, RLOO, REBEL, PPO)}

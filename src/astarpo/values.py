@@ -10,6 +10,10 @@ Work is done in shards of prompts, each written atomically and seeded by its own
 restarted with the same settings skips finished shards and ends with exactly the rows of an uninterrupted run.
 Under ``accelerate launch`` shard k is sampled by process k % world_size and rank 0 merges the shards; since a
 shard's samples depend only on its seed, the file is the same whatever the number of processes.
+
+Adaptive Stage 1 (``adaptive=True``, 0/1 rewards) samples in rounds of ``round_size`` and stops drawing for a
+prompt once :func:`adaptive_stop` says its V* is settled, or at ``n_max``. Rows then hold different numbers of
+samples, in the same format; V* is computed from each row's own samples.
 """
 
 from __future__ import annotations
@@ -50,12 +54,73 @@ class ValuesError(ValueError):
 
 
 def v_star(rewards: torch.Tensor, beta1: float) -> torch.Tensor:
-    """V* per row of a [prompts, N] reward matrix, via logsumexp (stable for tiny beta1 and large rewards)."""
+    """V* per row of a [prompts, N] reward matrix, via logsumexp (stable for tiny beta1 and large rewards).
+
+    NaN entries are padding (rows of an adaptive run hold different numbers of samples): each row's V* uses
+    its own samples only.
+    """
     rewards = rewards.double()
+    present = ~rewards.isnan()
+    count = present.sum(-1).double()
     if math.isinf(beta1):
-        return rewards.mean(-1)
-    n = rewards.shape[-1]
-    return beta1 * (torch.logsumexp(rewards / beta1, dim=-1) - math.log(n))
+        return rewards.nan_to_num(0.0).sum(-1) / count
+    z = (rewards / beta1).masked_fill(~present, -math.inf)
+    return beta1 * (torch.logsumexp(z, dim=-1) - count.log())
+
+
+def v_star_binary(p: float, beta1: float) -> float:
+    """V* of a prompt whose 0/1 reward succeeds with probability p: beta1 * log(1 - p + p e^(1/beta1)).
+
+    Increasing in p and steepest at p = 0 (slope beta1 (e^(1/beta1) - 1): 3.2 for beta1 = 0.5), flat near p = 1.
+    """
+    if math.isinf(beta1) or p <= 0 or p >= 1:
+        return min(max(p, 0.0), 1.0)
+    return beta1 * float(np.logaddexp(math.log1p(-p), math.log(p) + 1 / beta1))
+
+
+def _binom_at_least(s: int, n: int, p: float) -> float:
+    return sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(s, n + 1))
+
+
+def _bisect(f: Any, iters: int = 60) -> float:
+    """The root in [0, 1] of an increasing function (precise to 1e-18, far below any tolerance used here)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def clopper_pearson(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    """Exact two-sided interval for a success rate: it misses p with probability at most (1 - confidence) / 2
+    on each side, for every p and n (no normal approximation, which fails at the 0/n rows common here)."""
+    alpha = (1 - confidence) / 2
+    lo = 0.0 if successes == 0 else _bisect(lambda p: _binom_at_least(successes, n, p) - alpha)
+    hi = 1.0 if successes == n else _bisect(lambda p: alpha - (1 - _binom_at_least(successes + 1, n, p)))
+    return lo, hi
+
+
+def adaptive_stop(rewards_so_far: list[float], cfg: ValuesConfig) -> bool:
+    """Whether adaptive Stage 1 draws no more samples for a prompt with these 0/1 rewards.
+
+    With 0/1 rewards V* = v_star_binary(p) depends only on the success rate p, and V* is increasing in p, so the
+    Clopper-Pearson interval [lo, hi] for p (level ``confidence``) maps to the interval [V*(lo), V*(hi)] for V*
+    with the same coverage. The prompt stops when that interval is at most ``tolerance`` wide (settled), when
+    it has no success and hi < ``unsolved_p`` (confidently hard: train's filter_unsolved drops it anyway, so its
+    V* is never used), or at ``n_max``. Decisions come only after whole rounds, so at least ``round_size``.
+    Because V* is steep near p = 0, a prompt with few successes needs many samples to settle; ``unsolved_p``
+    is the lever for tasks where most prompts are rarely solved.
+    """
+    n = len(rewards_so_far)
+    if n >= cfg.n_max:
+        return True
+    if n < cfg.round_size:
+        return False
+    successes = int(sum(rewards_so_far))
+    lo, hi = clopper_pearson(successes, n, cfg.confidence)
+    if v_star_binary(hi, cfg.beta1) - v_star_binary(lo, cfg.beta1) <= cfg.tolerance:
+        return True
+    return successes == 0 and hi < cfg.unsolved_p
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -104,10 +169,15 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens, "use_chat_template": cfg.use_chat_template,
         "prompt_template": cfg.prompt_template, "shard_size": cfg.shard_size,
     }
+    if cfg.adaptive:  # only then, so that files from fixed-N runs keep matching their settings
+        provenance.update(n=None, adaptive=True, round_size=cfg.round_size, n_max=cfg.n_max, beta1=cfg.beta1,
+                          confidence=cfg.confidence, tolerance=cfg.tolerance, unsolved_p=cfg.unsolved_p)
+    per_prompt = cfg.n_max if cfg.adaptive else cfg.n  # at most, for the progress bar
     state = PartialState(cpu=cpu_processes())  # rank and world size under `accelerate launch`; one process otherwise
     if out.exists():
         old = read_values(out).provenance
-        diff = diff_settings(old, provenance, ignore=("astarpo_version", "created_at", "prompts", "skipped", "seconds"))
+        diff = diff_settings(old, provenance, ignore=("astarpo_version", "created_at", "prompts", "skipped", "seconds",
+                                                        "samples"))
         if diff:
             raise ValuesError(f"{out} exists and was made with other settings ({diff}); "
                               "choose another --output or delete it")
@@ -141,62 +211,76 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
         eos = eos_ids(model, tokenizer)
         my_prompts = sum(min(cfg.shard_size, len(records) - k * cfg.shard_size) for k in mine)
-        done_samples = (len(mine) - len(todo)) * cfg.shard_size * cfg.n
-        with tqdm(total=my_prompts * cfg.n, initial=min(done_samples, my_prompts * cfg.n), unit="sample",
-                  desc="stage 1", dynamic_ncols=True, disable=not state.is_main_process) as bar:
+        done_samples = (len(mine) - len(todo)) * cfg.shard_size * per_prompt
+        with tqdm(total=my_prompts * per_prompt, initial=min(done_samples, my_prompts * per_prompt),
+                  unit="sample", desc="stage 1", dynamic_ncols=True, disable=not state.is_main_process) as bar:
             for k in todo:
                 lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(records))
-                table = _sample_shard(cfg, model, tokenizer, eos, records[lo:hi], prompt_ids[lo:hi], reward_fn,
-                                      shard_seed(cfg.seed, k), bar.update)
+                table, drawn = _sample_shard(cfg, model, tokenizer, eos, records[lo:hi], prompt_ids[lo:hi],
+                                             reward_name, reward_fn, shard_seed(cfg.seed, k), bar.update)
                 _write_atomic(table, shards_dir / f"shard-{k:05d}.parquet")
+                bar.update((hi - lo) * per_prompt - drawn)  # an adaptive shard stops short of n_max
     state.wait_for_everyone()
     if not state.is_main_process:
         state.wait_for_everyone()  # until rank 0 has written the merged file
         return out
     table = pa.concat_tables([pq.read_table(shards_dir / f"shard-{k:05d}.parquet") for k in range(n_shards)])
     skipped = len(records) - table.num_rows
-    provenance.update(prompts=table.num_rows, skipped=skipped, seconds=round(time.perf_counter() - start, 2),
-                      created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rows = table.column("rewards").to_pylist()
+    samples = sum(len(r) for r in rows)
+    provenance.update(prompts=table.num_rows, skipped=skipped, samples=samples,
+                      seconds=round(time.perf_counter() - start, 2), created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     table = table.replace_schema_metadata({_META_KEY: json.dumps(provenance).encode()})
     _write_atomic(table, out)
     shutil.rmtree(shards_dir)
     state.wait_for_everyone()
-    r = np.array(table.column("rewards").to_pylist(), dtype=float)
-    log.info("stage 1: %d prompts x %d samples, mean reward %.3f, %d prompts with no success, %d skipped",
-             len(r), cfg.n, r.mean() if r.size else float("nan"), int((r.max(1) <= 0).sum()) if r.size else 0,
-             skipped)
+    log.info("stage 1: %d prompts, %d samples (%.1f per prompt), mean reward %.3f, %d prompts with no success, "
+             "%d skipped", len(rows), samples, samples / max(1, len(rows)), sum(map(sum, rows)) / max(1, samples),
+             sum(max(r) <= 0 for r in rows), skipped)
     return out
 
 
 def _sample_shard(cfg: ValuesConfig, model: Any, tokenizer: Any, eos: list[int], records: list[dict],
-                  prompt_ids: list[list[int]], reward_fn: rewards.RewardFn, seed: int, progress: Any) -> pa.Table:
+                  prompt_ids: list[list[int]], reward_name: str, reward_fn: rewards.RewardFn, seed: int,
+                  progress: Any) -> tuple[pa.Table, int]:
+    """One shard's rows and the number of samples drawn. Fixed N is a single round of ``n``; adaptive draws
+    rounds of ``round_size`` for the prompts not yet stopped. Seeded once, so the rounds are deterministic."""
     torch.manual_seed(seed)
-    roll = sample(model, tokenizer, prompt_ids, cfg.n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, eos,
-                  cfg.generation_batch_size, progress)
     extra = [k for k in records[0] if k not in ("id", "prompt")]
-    columns = {k: [records[i][k] for i in roll.prompt_index] for k in extra}
-    scores = rewards.score(reward_fn, [records[i]["prompt"] for i in roll.prompt_index], roll.completions,
-                           columns, cfg.on_reward_error)
-    rows: dict[str, list] = {"id": [], "rewards": [], "lengths": []}
-    if cfg.save_responses:
-        rows["responses"] = []
-    skipped = 0
-    for j, rec in enumerate(records):
-        sl = slice(j * cfg.n, (j + 1) * cfg.n)
-        r = scores[sl]
-        if any(math.isnan(x) for x in r):
-            skipped += 1  # on_reward_error=skip: a prompt needs all N rewards for an unbiased V*
-            continue
-        rows["id"].append(rec["id"])
-        rows["rewards"].append(r)
-        rows["lengths"].append(roll.lengths[sl])
-        if cfg.save_responses:
-            rows["responses"].append(roll.completions[sl])
+    got: list[dict[str, list]] = [{"rewards": [], "lengths": [], "responses": []} for _ in records]
+    active, skipped, drawn = list(range(len(records))), set(), 0
+    while active:
+        per_prompt = cfg.round_size if cfg.adaptive else cfg.n
+        roll = sample(model, tokenizer, [prompt_ids[j] for j in active], per_prompt, cfg.temperature, cfg.top_p,
+                      cfg.max_new_tokens, eos, cfg.generation_batch_size, progress)
+        drawn += len(roll)
+        rows = [active[i] for i in roll.prompt_index]
+        columns = {k: [records[j][k] for j in rows] for k in extra}
+        scores = rewards.score(reward_fn, [records[j]["prompt"] for j in rows], roll.completions, columns,
+                               cfg.on_reward_error)
+        for a, j in enumerate(active):
+            sl = slice(a * per_prompt, (a + 1) * per_prompt)
+            r = scores[sl]
+            if any(math.isnan(x) for x in r):
+                skipped.add(j)  # on_reward_error=skip: a prompt needs all its rewards for an unbiased V*
+                continue
+            if cfg.adaptive and any(x not in (0.0, 1.0) for x in r):
+                bad = next(x for x in r if x not in (0.0, 1.0))
+                raise ValuesError(f"adaptive Stage 1 needs 0/1 rewards (its stopping rule works on the success "
+                                  f"rate), but reward {reward_name!r} returned {bad!r}; use a fixed --n instead")
+            got[j]["rewards"] += r
+            got[j]["lengths"] += roll.lengths[sl]
+            got[j]["responses"] += roll.completions[sl]
+        active = [j for j in active if cfg.adaptive and j not in skipped and not adaptive_stop(got[j]["rewards"],
+                                                                                                   cfg)]
     if skipped:
-        log.warning("skipped %d prompt(s) whose reward failed", skipped)
+        log.warning("skipped %d prompt(s) whose reward failed", len(skipped))
+    keys = ["rewards", "lengths"] + (["responses"] if cfg.save_responses else [])
+    kept = [j for j in range(len(records)) if j not in skipped]
+    table_rows = {"id": [records[j]["id"] for j in kept], **{k: [got[j][k] for j in kept] for k in keys}}
     schema = pa.schema([("id", pa.string()), ("rewards", pa.list_(pa.float64())), ("lengths", pa.list_(pa.int32()))]
                        + ([("responses", pa.list_(pa.string()))] if cfg.save_responses else []))
-    return pa.table(rows, schema=schema)
+    return pa.table(table_rows, schema=schema), drawn
 
 
 def diff_settings(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> str:
@@ -208,7 +292,12 @@ def diff_settings(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> str:
 class Values:
     provenance: dict[str, Any]
     ids: list[str]
-    rewards: np.ndarray  # [prompts, N]
+    rewards: np.ndarray  # [prompts, N]; NaN pads rows of an adaptive run that hold fewer than the longest row
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Samples stored per prompt."""
+        return (~np.isnan(self.rewards)).sum(1)
 
 
 def read_values(path: str | Path) -> Values:
@@ -225,10 +314,12 @@ def read_values(path: str | Path) -> Values:
         raise ValuesError(f"{path}: not an astarpo values file (no provenance or no id/rewards columns); "
                           "create it with `astarpo values`")
     rewards_list = table.column("rewards").to_pylist()
-    if len({len(r) for r in rewards_list}) > 1:
-        raise ValuesError(f"{path}: rows hold different numbers of rewards")
-    return Values(json.loads(meta), [str(i) for i in table.column("id").to_pylist()],
-                  np.asarray(rewards_list, dtype=np.float64).reshape(len(rewards_list), -1))
+    if any(not r or any(x is None or math.isnan(x) for x in r) for r in rewards_list):
+        raise ValuesError(f"{path}: a row holds no rewards, or a missing/NaN one; recreate it with `astarpo values`")
+    rewards_np = np.full((len(rewards_list), max(map(len, rewards_list), default=0)), np.nan)
+    for i, r in enumerate(rewards_list):
+        rewards_np[i, : len(r)] = r
+    return Values(json.loads(meta), [str(i) for i in table.column("id").to_pylist()], rewards_np)
 
 
 def check_provenance(provenance: dict[str, Any], expected: dict[str, Any], path: str | Path) -> None:
@@ -244,22 +335,34 @@ def check_provenance(provenance: dict[str, Any], expected: dict[str, Any], path:
 
 def load_v_star(values: Values, ids: list[str], beta1: float, n: int | None = None,
                 filter_unsolved: bool = True) -> tuple[list[int], torch.Tensor, dict[str, int]]:
-    """V* for each id in ``ids``, from the first ``n`` stored samples.
+    """V* for each id in ``ids``, from each row's first ``n`` stored samples (default: all of them).
 
-    Returns the positions in ``ids`` to train on, their V*, and counts (missing, unsolved-dropped). A prompt
-    with no stored row is an error: it would silently train against a wrong baseline.
+    A fixed-N file needs n <= its N. In an adaptive file rows hold round_size..n_max samples and ``n`` caps
+    each row at its first min(n, stored) samples, which is exactly the row an adaptive run with n_max = n
+    would have stored (its stopping decisions up to n are the same); so n must be a multiple of round_size,
+    at most n_max. Returns the positions in ``ids`` to train on, their V*, and counts (missing,
+    unsolved-dropped). A prompt with no stored row is an error: it would silently train against a wrong baseline.
     """
-    stored_n = values.rewards.shape[1]
-    n = stored_n if n is None else n
-    if n > stored_n:
-        raise ValuesError(f"n={n} but the values file holds only {stored_n} samples per prompt; "
-                          f"use n <= {stored_n} or rerun `astarpo values --n {n}`")
     row = {rid: i for i, rid in enumerate(values.ids)}
     missing = [rid for rid in ids if rid not in row]
     if missing:
         raise ValuesError(f"the values file has no row for {len(missing)} of {len(ids)} prompts (first: "
                           f"{missing[0]!r}); run `astarpo values` on the same data")
-    r = torch.from_numpy(values.rewards[[row[rid] for rid in ids], :n])
+    r = values.rewards[[row[rid] for rid in ids]]
+    prov = values.provenance
+    if n is not None and prov.get("adaptive"):
+        if n > prov["n_max"] or n % prov["round_size"]:
+            raise ValuesError(f"n={n} does not apply to this adaptive values file (rounds of {prov['round_size']} "
+                              f"samples, at most {prov['n_max']}): use a multiple of {prov['round_size']} up to "
+                              f"{prov['n_max']}, or leave n unset")
+        r = r[:, :n]
+    elif n is not None:
+        stored_n = int(values.counts.min()) if len(values.ids) else 0
+        if n > stored_n:
+            raise ValuesError(f"n={n} but the values file holds only {stored_n} samples per prompt; "
+                              f"use n <= {stored_n} or rerun `astarpo values --n {n}`")
+        r = r[:, :n]
+    r = torch.from_numpy(r)
     keep = (r > 0).any(-1) if filter_unsolved else torch.ones(len(ids), dtype=torch.bool)
     positions = keep.nonzero().flatten().tolist()
     return positions, v_star(r[keep], beta1), {"prompts": len(ids), "unsolved_dropped": int((~keep).sum())}
