@@ -1,4 +1,4 @@
-"""`astarpo values | train | eval | quickstart`: every config field is a flag, and `--config FILE.yaml` sets many."""
+"""`astarpo values | train | eval | bench | quickstart`: every config field is a flag; --config FILE.yaml sets many."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import logging
 import sys
 import typing
 
-from .config import ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
+from .bench import BenchError
+from .config import BenchConfig, ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
 from .data import DataError
 from .rewards import RewardError
 from .trainer import TrainError
@@ -19,9 +20,11 @@ COMMANDS = {
     "values": (ValuesConfig, "Stage 1: sample N responses per prompt from the reference model, store the rewards"),
     "train": (TrainConfig, "Stage 2: train the policy by regressing onto the optimal advantage"),
     "eval": (EvalConfig, "accuracy (greedy pass@1, avg@k) and KL to the reference on a prompt set"),
+    "bench": (BenchConfig, "A*-PO against GRPO, RLOO, REBEL and PPO on the default model and task: time, memory, "
+                           "accuracy and KL side by side"),
 }
 # One-line errors for what the user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, RewardError, TrainError, ValuesError, FileNotFoundError, KeyError)
+USER_ERRORS = (BenchError, ConfigError, DataError, RewardError, TrainError, ValuesError, FileNotFoundError, KeyError)
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(cfg)
             metrics = trainer.train()
             print(json.dumps(metrics))
+        elif command == "bench":
+            from .bench import bench, markdown
+
+            print(markdown(bench(cfg)), end="")
         else:
             from .evaluate import markdown_table, run_eval
 
