@@ -14,9 +14,9 @@ from astarpo.cli import main
 TINY = "--limit 4 --n 2 --max-new-tokens 4"  # Stage 1 in a second
 TRAIN = "--limit 4 --max-new-tokens 4"
 
-# (name, argv with {model}, {other_model} and {tmp}, expected stderr line with {tmp}). Each runs in a tmp folder
-# holding only the fixture files written by _fixtures (a values file v.parquet and a one-step run from the
-# tiny model among them); the folder must be byte for byte the same afterwards.
+# (name, argv, expected last stderr line); {model}, {other_model}, {tmp} and {artifacts} are filled in. Each runs in
+# a tmp folder holding only the fixture files written by _fixtures (a values file v.parquet and a one-step run from
+# the tiny model among them); every one of them must be byte for byte the same afterwards.
 CASES = [
     ("bad shard size", "values --model {model} --shard-size 0 --output {tmp}/out.parquet",
      "shard_size must be >= 1, got 0"),
