@@ -141,7 +141,7 @@ def main() -> None:
         md += ["", f"## Success rates with N = {args.ref_n} (mean {p64.mean():.3f})", "",
                "| " + " | ".join(hist_labels) + " |", "|" + "---|" * len(hist),
                "| " + " | ".join(map(str, hist)) + " |",
-               "", f"Machine: {result['machine']} (shared with another agent's work; seconds are noisy)."]
+               "", f"Machine: {result['machine']}. Seconds are one run each, interleaved."]
         Path(args.out + ".md").write_text("\n".join(md) + "\n")
         print("\n".join(md))
 
