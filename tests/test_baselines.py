@@ -101,6 +101,42 @@ def test_objectives_return_one_loss_per_prompt():
     assert torch.allclose(b.advantage, rloo_advantages(shaped, 4))
 
 
+def test_ppo_whitens_over_all_processes():
+    """Two data-parallel halves, their statistics summed as accelerate's reduce would, get the advantages of the
+    whole batch (plain torch whitening), so that two processes make the update of one."""
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(5) < torch.tensor([5, 3, 4, 1, 2, 5])[:, None]).float()
+
+    def batch(rows):
+        m = mask[rows]
+        return Batch(mask=m, reward=torch.tensor([1.0, 0, 1, 0, 0, 1])[rows], old_logp=old[rows] * m,
+                     ref_logp=ref[rows] * m, old_values=values[rows] * m)
+
+    old, ref, values = -torch.rand(6, 5, generator=g), -torch.rand(6, 5, generator=g), torch.rand(6, 5, generator=g)
+    whole = batch(list(range(6)))
+    OBJECTIVES["ppo"](0.1).prepare(whole)
+    raw, _ = gae(_ppo_token_reward(whole, 0.1), whole.old_values, mask, 0.95)
+    plain = (raw - raw[mask.bool()].mean()) / (raw[mask.bool()].std() + 1e-8) * mask
+    assert torch.allclose(whole.advantage, plain, atol=1e-5)
+
+    rows = [[0, 2, 4], [1, 3, 5]]
+    local, sums = [batch(r) for r in rows], []
+    for h in local:  # each process on its own: its own sums, and advantages that differ from the whole batch's
+        OBJECTIVES["ppo"](0.1, all_sum=lambda t: sums.append(t) or t).prepare(h)
+    assert not torch.allclose(local[0].advantage, whole.advantage[rows[0]], atol=1e-3)
+    for r in rows:  # with the sums of both
+        h = batch(r)
+        OBJECTIVES["ppo"](0.1, all_sum=lambda t: sums[0] + sums[1]).prepare(h)
+        assert torch.allclose(h.advantage, whole.advantage[r], atol=1e-5)
+
+
+def _ppo_token_reward(b, beta):
+    r = -beta * (b.old_logp - b.ref_logp) * b.mask
+    last = b.mask.sum(-1).long() - 1
+    r[torch.arange(len(last)), last] += b.reward
+    return r
+
+
 def _cfg(model, out, algo, **kw):
     return TrainConfig(**{**COMMON, "model": str(model), "output_dir": str(out), "algo": algo, "batch_size": 4,
                           "micro_batch_size": 4, "mini_batch_size": 2, "learning_rate": 1e-2, "save_every": 1,

@@ -67,15 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = build(COMMANDS[command][0], args.pop("config", None), **args)
         if command == "values":
+            from accelerate import PartialState
+
             from .values import compute_values
 
-            print(compute_values(cfg))
+            out = compute_values(cfg)
+            if PartialState().is_main_process:  # one line under a multi-process launch, not one per process
+                print(out)
         elif command == "train":
             from .trainer import Trainer
 
             trainer = Trainer(cfg)
             metrics = trainer.train()
-            print(json.dumps(metrics))
+            if trainer.accelerator.is_main_process:
+                print(json.dumps(metrics))
         elif command == "bench":
             from .bench import bench, markdown
 

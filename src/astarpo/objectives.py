@@ -13,6 +13,7 @@ Notation: per-token tensors are [B, T] with ``mask`` 1 on response tokens (EOS i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -161,9 +162,11 @@ class Objective:
     uses_old_logp = False  # needs log pi_old per token (equal to the current policy's on the first update)
     uses_critic = False  # trains a value model next to the policy
 
-    def __init__(self, beta: float, clip_eps: float = 0.2, group_size: int | None = None, gae_lambda: float = 0.95
-                 ) -> None:
-        self.beta, self.clip_eps, self.gae_lambda = beta, clip_eps, gae_lambda
+    def __init__(self, beta: float, clip_eps: float = 0.2, group_size: int | None = None, gae_lambda: float = 0.95,
+                 all_sum: Callable[[Tensor], Tensor] = lambda t: t) -> None:
+        # all_sum: a sum over the data-parallel processes, for statistics of the whole batch (the trainer passes
+        # accelerate's reduce); the identity in one process.
+        self.beta, self.clip_eps, self.gae_lambda, self.all_sum = beta, clip_eps, gae_lambda, all_sum
         if group_size is not None:  # the config allows it only where the method has a free group size
             self.group_size = group_size
         if self.uses_reference is None:
@@ -240,8 +243,12 @@ class PPO(Objective):
         last = (b.mask.sum(-1).long() - 1).clamp(min=0)
         token_reward[torch.arange(len(last)), last] += b.reward
         adv, b.returns = gae(token_reward, b.old_values, b.mask, self.gae_lambda)
-        valid = b.mask.bool()
-        mean, std = adv[valid].mean(), adv[valid].std() if valid.sum() > 1 else torch.tensor(1.0)
+        # Whitened over the response tokens of the whole batch, all processes together (unbiased std, as
+        # torch.std), so that N processes make the same update as one.
+        a = adv[b.mask.bool()]
+        total, squares, n = self.all_sum(torch.stack([a.sum(), (a * a).sum(), torch.tensor(float(a.numel()))]))
+        mean = total / n
+        std = ((squares - n * mean * mean) / (n - 1)).clamp(min=0).sqrt() if n > 1 else torch.tensor(1.0)
         b.advantage = (adv - mean) / (std + 1e-8) * b.mask
 
     def loss(self, b: Batch) -> Tensor:

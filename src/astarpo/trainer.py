@@ -77,8 +77,10 @@ class Trainer:
                                        mixed_precision=cfg.mixed_precision, cpu=cpu_processes())
         set_seed(cfg.seed)
 
-        self.objective = OBJECTIVES[cfg.algo](cfg.beta2, clip_eps=cfg.clip_eps, group_size=cfg.group_size,
-                                              gae_lambda=cfg.gae_lambda)
+        acc = self.accelerator
+        self.objective = OBJECTIVES[cfg.algo](
+            cfg.beta2, clip_eps=cfg.clip_eps, group_size=cfg.group_size, gae_lambda=cfg.gae_lambda,
+            all_sum=lambda t: acc.reduce(t.to(acc.device), "sum").cpu() if acc.num_processes > 1 else t)
         self.model_dir = resolve_model(cfg.model)
         self.ref_hash = content_hash(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
