@@ -14,9 +14,9 @@ from astarpo.cli import main
 TINY = "--limit 4 --n 2 --max-new-tokens 4"  # Stage 1 in a second
 TRAIN = "--limit 4 --max-new-tokens 4"
 
-# (name, argv, expected last stderr line); {model}, {other_model}, {tmp} and {artifacts} are filled in. Each runs in
-# a tmp folder holding only the fixture files written by _fixtures (a values file v.parquet and a one-step run from
-# the tiny model among them); every one of them must be byte for byte the same afterwards.
+# (name, argv, expected last stderr line); {model}, {other_model}, {chat_model}, {tmp} and {artifacts} are filled
+# in. Each runs in a tmp folder holding only the fixture files written by _fixtures (a values file v.parquet and a
+# one-step run from the tiny model among them); every one of them must be byte for byte the same afterwards.
 CASES = [
     ("bad shard size", "values --model {model} --shard-size 0 --output {tmp}/out.parquet",
      "shard_size must be >= 1, got 0"),
@@ -73,6 +73,10 @@ CASES = [
      + " --output-dir {tmp}/out",
      "{tmp}/v.parquet was made with reference model '{model}' but this run uses '{other_model}'; rerun "
      "`astarpo values` with this run's settings"),
+    ("values from another tokenizer", "train --model {chat_model} --values {tmp}/v.parquet " + TRAIN
+     + " --output-dir {tmp}/out",  # same weights, a chat template added: other prompt tokens
+     "{tmp}/v.parquet was made with the tokenizer or chat template of '{model}', which differ from those of "
+     "'{chat_model}'; rerun `astarpo values` with this run's settings"),
     ("values from another reward", "train --model {model} --values {tmp}/v.parquet " + TRAIN + " --reward gsm8k "
      "--output-dir {tmp}/out",
      "{tmp}/v.parquet was made with reward 'arithmetic' but this run uses 'gsm8k'; rerun `astarpo values` with "
@@ -136,14 +140,15 @@ def _snapshot(tmp: Path) -> dict[Path, bytes]:
 
 
 @pytest.mark.parametrize("argv, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_one_line_exit_2(argv, message, tiny_model, other_model, artifacts, tmp_path, capsys,
+def test_bad_input_one_line_exit_2(argv, message, tiny_model, tiny_chat_model, other_model, artifacts, tmp_path, capsys,
                                    monkeypatch):
     for name, fn in BROKEN_REWARDS.items():  # registered by name, as a user's plugin would be, for this case only
         if f"--reward {name}" in argv:
             monkeypatch.setitem(rewards._REGISTRY, name, fn)
     _fixtures(tmp_path, artifacts)
     before = _snapshot(tmp_path)
-    names = {"model": tiny_model, "other_model": other_model, "tmp": tmp_path, "artifacts": artifacts}
+    names = {"model": tiny_model, "other_model": other_model, "chat_model": tiny_chat_model, "tmp": tmp_path,
+             "artifacts": artifacts}
     code = main(argv.format(**names).split())
     err = capsys.readouterr().err
     assert code == 2

@@ -118,6 +118,21 @@ def content_hash(model_dir: str | Path) -> str:
     return _HASHES[key]
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def tokenizer_hash(model_dir: str | Path) -> str:
+    """sha256 over the tokenizer and chat template files: with the same weights, another tokenizer or template
+    turns the same prompts into other tokens, so Stage 1 values would not belong to the run."""
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        p = Path(model_dir) / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

@@ -37,7 +37,16 @@ from .config import TrainConfig, to_dict
 from .data import encode_prompts, load_records
 from .evaluate import RUN_FILE, evaluate
 from .generation import Rollout, collate, response_logprobs, sample, token_logprobs
-from .models import ValueModel, add_lora, content_hash, eos_ids, load_model, load_tokenizer, resolve_model
+from .models import (
+    ValueModel,
+    add_lora,
+    content_hash,
+    eos_ids,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    tokenizer_hash,
+)
 from .objectives import OBJECTIVES, Batch
 from .values import ValuesError, check_provenance, check_writable, cpu_processes, load_v_star, read_values
 
@@ -146,6 +155,7 @@ class Trainer:
             raise TrainError("astarpo needs the Stage 1 file from `astarpo values`: pass --values PATH")
         values = read_values(cfg.values)
         check_provenance(values.provenance, {"reference_model": cfg.model, "reference_model_hash": self.ref_hash,
+                                             "reference_tokenizer_hash": tokenizer_hash(self.model_dir),
                                              "reward": self.reward_name, "temperature": cfg.temperature,
                                              "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                                              "use_chat_template": cfg.use_chat_template,

@@ -39,14 +39,14 @@ from . import __version__, rewards
 from .config import ValuesConfig
 from .data import encode_prompts, load_records
 from .generation import sample
-from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
+from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model, tokenizer_hash
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _META_KEY = b"astarpo"
 # Settings that change what is sampled; a resumed run or a training run must agree on them.
-SAMPLING_KEYS = ("reference_model_hash", "reward", "temperature", "top_p", "max_new_tokens", "use_chat_template",
-                 "prompt_template")
+SAMPLING_KEYS = ("reference_model_hash", "reference_tokenizer_hash", "reward", "temperature", "top_p",
+                 "max_new_tokens", "use_chat_template", "prompt_template")
 
 
 class ValuesError(ValueError):
@@ -164,6 +164,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     provenance = {
         "format_version": FORMAT_VERSION, "astarpo_version": __version__,
         "reference_model": cfg.model, "reference_model_hash": content_hash(model_dir),
+        "reference_tokenizer_hash": tokenizer_hash(model_dir),
         "reward": reward_name, "n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p,
         "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "data": cfg.data, "split": cfg.split,
         "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens, "use_chat_template": cfg.use_chat_template,
@@ -325,6 +326,10 @@ def read_values(path: str | Path) -> Values:
 def check_provenance(provenance: dict[str, Any], expected: dict[str, Any], path: str | Path) -> None:
     """Refuse a values file made with another reference model, reward or sampling settings."""
     for key in SAMPLING_KEYS:
+        if provenance.get(key) != expected.get(key) and key == "reference_tokenizer_hash":
+            raise ValuesError(f"{path} was made with the tokenizer or chat template of "
+                              f"{provenance.get('reference_model')!r}, which differ from those of "
+                              f"{expected.get('reference_model')!r}; rerun `astarpo values` with this run's settings")
         if provenance.get(key) != expected.get(key):
             what = "reference model" if key == "reference_model_hash" else key
             old = provenance.get("reference_model") if key == "reference_model_hash" else provenance.get(key)
