@@ -72,9 +72,12 @@ def test_read_values_rejects_foreign_and_corrupt_files(tmp_path):
 
 
 def test_check_provenance_names_the_mismatch():
-    prov = {"reference_model": "a", "reference_model_hash": "h1", "reward": "math", "temperature": 1.0,
-            "top_p": 1.0, "max_new_tokens": 32, "use_chat_template": True}
+    prov = {"reference_model": "a", "reference_model_hash": "h1", "reference_tokenizer_hash": "t1", "reward": "math",
+            "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32, "use_chat_template": True, "prompt_template": None}
     check_provenance(prov, dict(prov), "v.parquet")
+    older = {k: v for k, v in prov.items() if k != "reference_tokenizer_hash"}
+    with pytest.raises(ValuesError, match="does not record its reference_tokenizer_hash"):
+        check_provenance(older, prov, "v.parquet")
     with pytest.raises(ValuesError, match="made with reward 'math' but this run uses 'gsm8k'"):
         check_provenance(prov, {**prov, "reward": "gsm8k"}, "v.parquet")
     with pytest.raises(ValuesError, match="made with reference model 'a' but this run uses 'b'"):

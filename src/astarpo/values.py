@@ -326,6 +326,9 @@ def read_values(path: str | Path) -> Values:
 def check_provenance(provenance: dict[str, Any], expected: dict[str, Any], path: str | Path) -> None:
     """Refuse a values file made with another reference model, reward or sampling settings."""
     for key in SAMPLING_KEYS:
+        if key not in provenance:
+            raise ValuesError(f"{path} does not record its {key} (written by an older astarpo); rerun "
+                              "`astarpo values` with this run's settings")
         if provenance.get(key) != expected.get(key) and key == "reference_tokenizer_hash":
             raise ValuesError(f"{path} was made with the tokenizer or chat template of "
                               f"{provenance.get('reference_model')!r}, which differ from those of "
