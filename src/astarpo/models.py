@@ -108,14 +108,19 @@ def content_hash(model_dir: str | Path) -> str:
     key = (str(model_dir.resolve()), max((p.stat().st_mtime for p in files), default=0.0))
     if key in _HASHES:
         return _HASHES[key]
+    _HASHES[key] = _sha256_files(files)
+    return _HASHES[key]
+
+
+def _sha256_files(files: list[Path]) -> str:
+    """One sha256 over each file's name and bytes, in the given order (read in chunks: weights are large)."""
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
         with p.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
-    _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
+    return h.hexdigest()
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -125,12 +130,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def tokenizer_hash(model_dir: str | Path) -> str:
     """sha256 over the tokenizer and chat template files: with the same weights, another tokenizer or template
     turns the same prompts into other tokens, so Stage 1 values would not belong to the run."""
-    h = hashlib.sha256()
-    for name in _TOKENIZER_FILES:
-        p = Path(model_dir) / name
-        if p.is_file():
-            h.update(name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
+    return _sha256_files([p for p in (Path(model_dir) / name for name in _TOKENIZER_FILES) if p.is_file()])
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
