@@ -248,7 +248,7 @@ class EvalConfig(CommonConfig):
     @property
     def benchmark_names(self) -> list[str]:
         """``benchmarks`` as a list, in the given order (the order of the table rows)."""
-        return [b.strip() for b in (self.benchmarks or "").split(",") if b.strip()]
+        return _comma_list(self.benchmarks)
 
 
 @dataclass
@@ -298,16 +298,21 @@ class BenchConfig:
 
     @property
     def algo_names(self) -> list[str]:
-        return [a.strip() for a in self.algos.split(",") if a.strip()]
+        return _comma_list(self.algos)
 
     @property
     def external_names(self) -> list[str]:
-        return [a.strip() for a in self.external.split(",") if a.strip()]
+        return _comma_list(self.external)
 
     @property
     def segments(self) -> list[int]:
         """The step at which each segment ends."""
         return sorted({*range(self.eval_every, self.steps, self.eval_every), self.steps})
+
+
+def _comma_list(value: str | None) -> list[str]:
+    """A comma-separated option as a list, in the given order, blanks dropped."""
+    return [x.strip() for x in (value or "").split(",") if x.strip()]
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
