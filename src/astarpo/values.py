@@ -250,8 +250,8 @@ def _sample_shard(cfg: ValuesConfig, model: Any, tokenizer: Any, eos: list[int],
     extra = [k for k in records[0] if k not in ("id", "prompt")]
     got: list[dict[str, list]] = [{"rewards": [], "lengths": [], "responses": []} for _ in records]
     active, skipped, drawn = list(range(len(records))), set(), 0
+    per_prompt = cfg.round_size if cfg.adaptive else cfg.n
     while active:
-        per_prompt = cfg.round_size if cfg.adaptive else cfg.n
         roll = sample(model, tokenizer, [prompt_ids[j] for j in active], per_prompt, cfg.temperature, cfg.top_p,
                       cfg.max_new_tokens, eos, cfg.generation_batch_size, progress)
         drawn += len(roll)
@@ -265,8 +265,8 @@ def _sample_shard(cfg: ValuesConfig, model: Any, tokenizer: Any, eos: list[int],
             if any(math.isnan(x) for x in r):
                 skipped.add(j)  # on_reward_error=skip: a prompt needs all its rewards for an unbiased V*
                 continue
-            if cfg.adaptive and any(x not in (0.0, 1.0) for x in r):
-                bad = next(x for x in r if x not in (0.0, 1.0))
+            bad = next((x for x in r if x not in (0.0, 1.0)), None) if cfg.adaptive else None
+            if bad is not None:
                 raise ValuesError(f"adaptive Stage 1 needs 0/1 rewards (its stopping rule works on the success "
                                   f"rate), but reward {reward_name!r} returned {bad!r}; use a fixed --n instead")
             got[j]["rewards"] += r
