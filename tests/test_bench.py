@@ -100,3 +100,18 @@ def test_trl_rows_train_and_leave_scoreable_checkpoints(tiny_model, tmp_path, mo
     trained = load_model(tmp_path / trainer / "trl" / "checkpoint-2").state_dict()
     assert any(not torch.equal(start[k], trained[k]) for k in start)
     assert (tmp_path / trainer / "stage1_seconds.json").is_file() == (trainer == "trl-a2po")
+
+
+@pytest.mark.parametrize("trainer", ["trl-grpo", "trl-a2po"])
+def test_trl_rows_sample_the_whole_distribution_like_astarpo(tiny_model, tmp_path, trainer):
+    """astarpo samples with top_k 0; A2POConfig's top_k None would make generate() keep only the 50 likeliest."""
+    from astarpo.bench_trl import build
+
+    spec = {"trainer": trainer, "model_dir": str(tiny_model), "output_dir": str(tmp_path), "data": "arithmetic",
+            "reward": "arithmetic", "train_prompts": 4, "batch_size": 2, "group_size": 2, "steps": 1,
+            "save_every": 1, "max_new_tokens": 4, "learning_rate": 1e-6, "beta": 1e-3, "beta1": 0.5, "n": 2,
+            "seed": 0}
+    trainer_obj, _ = build(spec, [])
+    configs = [trainer_obj.generation_config, trainer_obj.value_generation_config] if trainer == "trl-a2po" \
+        else [trainer_obj.generation_config]
+    assert trainer_obj.args.top_k == 0 and all(c.top_k == 0 for c in configs)

@@ -23,11 +23,11 @@ from .models import load_tokenizer
 from .trainer import peak_memory_mb
 
 
-def run(spec: dict[str, Any]) -> None:
-    """Train with TRL as ``spec`` says (keys: trainer, model_dir, output_dir, data, reward, train_prompts,
-    batch_size, group_size, steps, save_every, max_new_tokens, learning_rate, beta, beta1, n, seed)."""
+def build(spec: dict[str, Any], callbacks: list[Any]) -> tuple[Any, int]:
+    """TRL's trainer as ``spec`` says (keys: trainer, model_dir, output_dir, data, reward, train_prompts,
+    batch_size, group_size, steps, save_every, max_new_tokens, learning_rate, beta, beta1, n, seed) and the
+    number of samples it draws per step. benchmarks/sampling.py builds A2PO's here too, to time its Stage 1."""
     import datasets
-    from transformers import TrainerCallback
 
     out = Path(spec["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,8 @@ def run(spec: dict[str, Any]) -> None:
                   logging_steps=1, save_strategy="steps", save_steps=spec["save_every"], report_to="none",
                   seed=spec["seed"], use_cpu=not torch.cuda.is_available(), gradient_accumulation_steps=1,
                   max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, bf16=False,
-                  remove_unused_columns=False)
+                  remove_unused_columns=False,
+                  top_k=0)  # the whole distribution, as astarpo samples; A2PO's None would mean generate()'s 50
     if spec["trainer"] == "trl-grpo":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -60,6 +61,17 @@ def run(spec: dict[str, Any]) -> None:
         args = A2POConfig(**common, per_device_train_batch_size=samples, beta2=spec["beta"], beta1=spec["beta1"],
                           num_value_samples=spec["n"])
         trainer_cls = A2POTrainer
+    trainer = trainer_cls(model=spec["model_dir"], reward_funcs=reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=callbacks)
+    return trainer, samples
+
+
+def run(spec: dict[str, Any]) -> None:
+    """Train with TRL as ``spec`` says (see :func:`build`), logging astarpo's metrics format."""
+    from transformers import TrainerCallback
+
+    out = Path(spec["output_dir"])
+    samples = 0  # set by build() below, read by Timer at every step
 
     class Timer(TrainerCallback):
         """Per-step wall time and peak memory, in astarpo's metrics format."""
@@ -80,8 +92,7 @@ def run(spec: dict[str, Any]) -> None:
                 f.write(json.dumps(line) + "\n")
 
     timer = Timer()
-    trainer = trainer_cls(model=spec["model_dir"], reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[timer])
+    trainer, samples = build(spec, [timer])
     timer.train_start = time.perf_counter()
     trainer.train()
     if spec["trainer"] == "trl-a2po":
