@@ -1,6 +1,11 @@
-"""`astarpo bench`: the report's arithmetic on known figures, then a real (tiny) run with resume."""
+"""`astarpo bench`: the report's arithmetic on known figures, then a real (tiny) run with resume; and
+benchmarks/sampling.py end to end."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +120,23 @@ def test_trl_rows_sample_the_whole_distribution_like_astarpo(tiny_model, tmp_pat
     configs = [trainer_obj.generation_config, trainer_obj.value_generation_config] if trainer == "trl-a2po" \
         else [trainer_obj.generation_config]
     assert trainer_obj.args.top_k == 0 and all(c.top_k == 0 for c in configs)
+
+def test_sampling_benchmark_runs_every_variant(tiny_model, tmp_path):
+    """benchmarks/sampling.py end to end on the tiny model: every Stage 1 variant (TRL's too) draws N samples per
+    prompt, shared prefill and plain generate draw the same tokens, and both trainers' Stage 2 steps are timed."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "sampling"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "sampling.py"), "--model", str(tiny_model),
+                           "--prompts", "4", "--n", "2", "--max-new-tokens", "4", "--batch-size", "4", "--reps", "2",
+                           "--steps", "2", "--out", str(out)],
+                          env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    variants = result["variants"]
+    assert list(variants) == ["shared_prefill", "plain_generate", "shared_prefill_bf16", "continuous_batching",
+                              "trl_a2po_stage1"]
+    assert all([r["samples"] for r in v["runs"]] == [8, 8] for v in variants.values())
+    assert result["identical_responses_per_rep"] == [1.0, 1.0]
+    assert {k: len(v) for k, v in result["stage2_step_seconds"].items()} == {"astarpo": 2, "trl_a2po": 2}
+    assert "| trl_a2po_stage1 |" in out.with_suffix(".md").read_text()
