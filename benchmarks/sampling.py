@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -150,6 +151,7 @@ def main() -> None:
     if HAS_TRL:
         stage2["trl_a2po"] = trl_step_seconds(trl_trainer)
     write_results(args, runs, prompt_ids, stage2)
+    shutil.rmtree(work)  # the values file and both trainers' outputs (a model copy each) were only for timing
     print(Path(args.out).with_suffix(".md").read_text())
 
 
