@@ -87,7 +87,7 @@ def run_eval(cfg: EvalConfig, reward: str | rewards.RewardFn | None = None) -> d
     result = _evaluate(cfg, model, tokenizer, records, prompt_ids, reward_fn, ref_model)
     result = {"model": cfg.model, "reference": reference, "data": cfg.data, "split": cfg.split,
               "reward": reward_name, **result}
-    _write_atomic(Path(cfg.output), json.dumps(result, indent=1))
+    write_text_atomic(Path(cfg.output), json.dumps(result, indent=1))
     return result
 
 
@@ -136,13 +136,14 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             log.info("%s: %d prompts", name, len(records))
             result = _evaluate(cfg, model, tokenizer, records, prompt_ids, rewards.get(bench.reward), ref_model)
             done[name] = {"reward": bench.reward, "skipped": skipped, **result}
-            _write_atomic(parts / f"{name}.json", json.dumps({"settings": settings, "result": done[name]}, indent=1))
+            write_text_atomic(parts / f"{name}.json",
+                              json.dumps({"settings": settings, "result": done[name]}, indent=1))
             log.info("%s: pass@1 %.1f%% (%.0f s)", name, 100 * result["accuracy"], result["seconds"])
     benchmarks = {name: done[name] for name in cfg.benchmark_names}
     summary = {"model": cfg.model, "reference": reference, "k": cfg.k, "settings": settings, "benchmarks": benchmarks,
                "average": sum(r["accuracy"] for r in benchmarks.values()) / len(benchmarks)}
-    _write_atomic(out, json.dumps(summary, indent=1))
-    _write_atomic(out.with_suffix(".md"), markdown_table(summary))
+    write_text_atomic(out, json.dumps(summary, indent=1))
+    write_text_atomic(out.with_suffix(".md"), markdown_table(summary))
     shutil.rmtree(parts, ignore_errors=True)
     return summary
 
@@ -200,7 +201,7 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], 
                     ref_model=ref_model, on_reward_error=cfg.on_reward_error)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and a rename, so an interrupted run never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -35,7 +35,7 @@ from safetensors.torch import save_model
 from . import rewards
 from .config import TrainConfig, to_dict
 from .data import encode_prompts, load_records
-from .evaluate import RUN_FILE, evaluate
+from .evaluate import RUN_FILE, evaluate, write_text_atomic
 from .generation import Rollout, collate, response_logprobs, sample, token_logprobs
 from .models import (
     ValueModel,
@@ -189,9 +189,7 @@ class Trainer:
         cfg_file = self.out / "train_config.json"
         self.accelerator.wait_for_everyone()  # every process has compared with the old file before it is replaced
         if self.accelerator.is_main_process:
-            tmp = cfg_file.with_name(f".{cfg_file.name}.tmp")
-            tmp.write_text(json.dumps(to_dict(self.cfg), indent=1))
-            os.replace(tmp, cfg_file)
+            write_text_atomic(cfg_file, json.dumps(to_dict(self.cfg), indent=1))
 
     def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
         # Write the policy as a Hugging Face directory instead of accelerate's bare state dict.
@@ -263,9 +261,7 @@ class Trainer:
         if metrics.is_file() and self.accelerator.is_main_process:
             # From step 0 everything runs again, the step-0 evaluation included.
             keep = [ln for ln in metrics.read_text().splitlines() if step > 0 and _logged_step(ln) <= step]
-            tmp = metrics.with_name(f".{metrics.name}.tmp")  # a kill while rewriting must not lose the file
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, metrics)
+            write_text_atomic(metrics, "".join(ln + "\n" for ln in keep))  # a kill must not lose the file
         return step
 
     # ----- the loop ---------------------------------------------------------------------------------------------
