@@ -33,7 +33,7 @@ import yaml
 from . import __version__, rewards
 from .config import BenchConfig, ConfigError
 from .data import encode_prompts, load_records
-from .evaluate import evaluate
+from .evaluate import evaluate, write_text_atomic
 from .models import load_model, load_tokenizer, resolve_model
 from .objectives import OBJECTIVES
 from .quickstart import RECIPE, STAGE1, STAGE2
@@ -104,7 +104,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
             (out / "values.yaml").write_text(yaml.safe_dump({**common, "n": STAGE1["n"], "output": str(values)}))
             t0 = time.perf_counter()
             _run(["values", "--config", str(out / "values.yaml")], out / "values.log")
-            (out / "stage1_seconds.json").write_text(json.dumps(time.perf_counter() - t0))
+            write_text_atomic(out / "stage1_seconds.json", json.dumps(time.perf_counter() - t0))
         stage1_seconds["astarpo"] = json.loads((out / "stage1_seconds.json").read_text())
     for algo in cfg.algo_names:
         train = {**common, "algo": algo, "output_dir": str(out / algo), "batch_size": cfg.batch_size,
@@ -130,7 +130,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
                 _run(["train", "--config", str(out / f"{algo}.yaml"), "--steps", str(end)], out / f"{algo}.log")
                 ckpt = out / algo / "checkpoints" / f"step-{end:06d}"
                 scores.setdefault(algo, {})[str(end)] = scorer(ckpt)
-                scores_file.write_text(json.dumps(scores, indent=1))
+                write_text_atomic(scores_file, json.dumps(scores, indent=1))  # read back on resume
             bar.update()
     for name in cfg.external_names:  # TRL's trainers: one whole run each, after the interleaved rounds
         bar.set_postfix(method=name, step=cfg.steps)
@@ -145,7 +145,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
             (out / f"{name}.json").write_text(json.dumps(spec, indent=1))
             _run([str(out / f"{name}.json")], out / f"{name}.log", module="astarpo.bench_trl")
             scores[name] = {str(end): scorer(out / name / "trl" / f"checkpoint-{end}") for end in cfg.segments}
-            scores_file.write_text(json.dumps(scores, indent=1))
+            write_text_atomic(scores_file, json.dumps(scores, indent=1))  # read back on resume
         if (out / name / "stage1_seconds.json").is_file():
             stage1_seconds[name] = json.loads((out / name / "stage1_seconds.json").read_text())
         bar.update()
