@@ -41,6 +41,25 @@ def build_tiny_model(path: Path, chat_template: bool = False, seed: int = 0) -> 
     return path
 
 
+
+class InterruptibleReward:
+    """A reward (TRL's signature) that can stand in for a kill: after ``fail_after`` calls it raises
+    KeyboardInterrupt, so nothing after that point is written. Subclasses set ``reward_name`` and ``score``."""
+
+    reward_name = ""
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def __call__(self, prompts, completions, **_):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt
+        return [self.score(c) for c in completions]
+
+    def score(self, completion: str) -> float:
+        raise NotImplementedError
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import InterruptibleReward
 
 from astarpo import TrainConfig, Trainer, ValuesConfig, compute_values
 from astarpo import values as V
@@ -17,19 +18,13 @@ COMMON = {"data": "arithmetic", "reward": "arithmetic", "max_new_tokens": 6, "li
 RULE = {"adaptive": True, "round_size": 4, "n_max": 16, "beta1": 0.5, "confidence": 0.9, "tolerance": 0.25}
 
 
-class HasDigit:
+class HasDigit(InterruptibleReward):
     """0/1 reward with a success rate between 0 and 1 for an untrained tiny model: whether any digit appears."""
 
     reward_name = "has_digit"
 
-    def __init__(self, fail_after: int | None = None):
-        self.calls, self.fail_after = 0, fail_after
-
-    def __call__(self, prompts, completions, **_):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt  # stands in for a kill mid-run
-        return [float(any(ch.isdigit() for ch in c)) for c in completions]
+    def score(self, completion: str) -> float:
+        return float(any(ch.isdigit() for ch in completion))
 
 
 def _stops_at(sequence: list[float], **kw) -> int:

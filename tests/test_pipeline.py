@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import InterruptibleReward, build_tiny_model
 from safetensors.torch import load_file
 
 from astarpo import EvalConfig, TrainConfig, Trainer, ValuesConfig, compute_values
@@ -15,19 +15,13 @@ from astarpo.values import ValuesError, read_values
 COMMON = {"data": "arithmetic", "reward": "arithmetic", "max_new_tokens": 6, "limit": 24}
 
 
-class DigitReward:
+class DigitReward(InterruptibleReward):
     """Fraction of digit characters: varied, non-zero rewards even from an untrained model."""
 
     reward_name = "digits"
 
-    def __init__(self, fail_after: int | None = None):
-        self.calls, self.fail_after = 0, fail_after
-
-    def __call__(self, prompts, completions, **_):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt  # stands in for a kill mid-run: nothing after this point is written
-        return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+    def score(self, completion: str) -> float:
+        return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
 
 
 def _values(model, path, reward_fn=None, **kw):
