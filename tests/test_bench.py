@@ -12,6 +12,7 @@ import torch
 
 from astarpo.bench import bench, markdown, summarize
 from astarpo.config import BenchConfig, ConfigError
+from astarpo.rundir import OutputError
 
 
 def _metrics(path, step_seconds, samples, memory):
@@ -79,7 +80,7 @@ def test_bench_runs_interleaved_and_resumes(tiny_model, tmp_path):
     logs = {p.name: p.stat().st_size for p in (tmp_path / "b").glob("*.log")}
     assert bench(cfg)["methods"].keys() == report["methods"].keys()  # a rerun finds everything done ...
     assert logs == {p.name: p.stat().st_size for p in (tmp_path / "b").glob("*.log")}  # ... and runs nothing
-    with pytest.raises(ConfigError, match="holds a benchmark with other settings"):
+    with pytest.raises(OutputError, match="holds a run with other settings \\(steps: 2 -> 3"):
         bench(BenchConfig(**{**cfg.__dict__, "steps": 3}))
 
 

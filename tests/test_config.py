@@ -63,3 +63,32 @@ def test_shipped_recipes_are_valid(recipe):
     assert t.values == v.output and e.model == f"{t.output_dir}/final" and t.reward == v.reward
     assert t.prompt_template == v.prompt_template and "{prompt}" in v.prompt_template
     assert len(e.benchmark_names) == 6
+
+
+def test_shared_settings_are_set_once_and_benchmarks_keep_their_own(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model: m\ndata: d.jsonl\nreward: gsm8k\nlimit: 5\nprompt_template: 'Q: {prompt}'\n"
+                 "max_prompt_tokens: 128\nuse_chat_template: false\nmax_new_tokens: 64\n"
+                 "eval:\n  benchmarks: gsm8k\n")
+    v, t, e = build(ValuesConfig, str(f)), build(TrainConfig, str(f)), build(EvalConfig, str(f))
+    for cfg in (v, t):
+        assert (cfg.data, cfg.reward, cfg.limit, cfg.prompt_template, cfg.max_prompt_tokens) == \
+               ("d.jsonl", "gsm8k", 5, "Q: {prompt}", 128)
+    # the benchmark brings its prompts and reward; model and generation settings are still shared
+    assert (e.data, e.reward, e.limit, e.prompt_template, e.max_prompt_tokens) == \
+           ("arithmetic", "arithmetic", None, "{prompt}", 2048)
+    assert (e.model, e.max_new_tokens, e.use_chat_template) == ("m", 64, False)
+    f.write_text(f.read_text().split("eval:")[0])
+    assert build(EvalConfig, str(f)).data == "d.jsonl"  # without benchmarks, eval takes the shared prompt set
+    assert build(EvalConfig, str(f), limit=3).limit == 3  # a flag still applies
+
+
+def test_quickstart_recipe_is_a_config_file_like_any_other():
+    from astarpo.config import QUICKSTART
+
+    v, t = build(ValuesConfig, QUICKSTART), build(TrainConfig, QUICKSTART)
+    assert (v.model, v.data, v.reward, v.n, v.limit, v.max_new_tokens, v.temperature, v.seed) == \
+           ("smollm2-135m-instruct", "arithmetic", "arithmetic", 8, 160, 16, 1.0, 0)
+    assert (t.learning_rate, t.beta1, t.beta2, t.batch_size, t.steps, t.micro_batch_size, t.limit) == \
+           (1e-5, 0.5, 1e-3, 32, 12, 16, 160)
+    assert (t.eval_data, t.eval_limit, t.eval_every, t.save_every) == ("arithmetic", 100, 4, 6)

@@ -74,3 +74,55 @@ def test_shared_prefill_greedy_equals_plain(tiny_model):
         plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
         shared = _generate_shared_prefill(model, ids, mask, 2, cfg)
     assert torch.equal(plain.repeat_interleave(2, dim=0), shared)
+
+
+def test_collect_scores_each_sample_with_its_records_columns(tiny_model):
+    from astarpo.generation import HFSampler, SamplingParams, collect
+
+    tok, model, prompts = _setup(tiny_model, k=3)
+    records = [{"id": str(i), "prompt": f"p{i}", "answer": str(i), "level": 10 * i} for i in range(3)]
+    seen = {}
+
+    def reward(prompts, completions, answer, level, **_):
+        seen.update(prompts=prompts, answer=answer, level=level)
+        return [float(len(c)) for c in completions]
+
+    torch.manual_seed(0)
+    roll = collect(HFSampler(model, tok, eos_ids(model, tok)), records, prompts, 2, SamplingParams(1.0, 1.0, 5),
+                   reward)
+    assert roll.prompt_index == [0, 0, 1, 1, 2, 2] and roll.rewards == [float(len(c)) for c in roll.completions]
+    assert seen == {"prompts": ["p0", "p0", "p1", "p1", "p2", "p2"], "answer": ["0", "0", "1", "1", "2", "2"],
+                    "level": [0, 0, 10, 10, 20, 20]}
+    assert roll.select([1, 4]).rewards == [roll.rewards[1], roll.rewards[4]]
+
+
+class PlainGenerateSampler:
+    """A second engine behind the Sampler interface: generate(num_return_sequences=n), no shared prefill, and
+    its own copy of the weights, refreshed by load_weights after every update (as an external engine would be)."""
+
+    def __init__(self, model, tokenizer, eos):
+        import copy
+
+        self.model, self.tokenizer, self.eos, self.loads = copy.deepcopy(model), tokenizer, eos, 0
+
+    def generate(self, prompt_tokens, n, params, progress=None):
+        return sample(self.model, self.tokenizer, prompt_tokens, n, params.temperature, params.top_p,
+                      params.max_new_tokens, self.eos, shared_prefill=False)
+
+    def load_weights(self, model):
+        self.model.load_state_dict(model.state_dict())
+        self.loads += 1
+
+
+def test_a_second_engine_plugs_into_stage2(tiny_model, tmp_path):
+    from test_baselines import _cfg
+    from test_pipeline import DigitReward
+
+    from astarpo import Trainer
+
+    trainer = Trainer(_cfg(tiny_model, tmp_path / "run", "rloo", steps=2), reward=DigitReward())
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    trainer.sampler = engine = PlainGenerateSampler(policy, trainer.tokenizer, trainer.eos)
+    trainer.train()
+    assert engine.loads == 2  # one weight push per step
+    assert all(torch.equal(a, b) for a, b in zip(engine.model.state_dict().values(), policy.state_dict().values()))

@@ -92,9 +92,9 @@ def test_train_refuses_mismatched_values_and_run_dirs(tiny_model, tmp_path):
     with pytest.raises(ValuesError, match="made with max_new_tokens 6 but this run uses 8"):
         Trainer(_train_cfg(tiny_model, values, tmp_path / "r3", max_new_tokens=8), reward=DigitReward())
     Trainer(_train_cfg(tiny_model, values, tmp_path / "r4"), reward=DigitReward())
-    from astarpo.trainer import TrainError
+    from astarpo.rundir import OutputError
 
-    with pytest.raises(TrainError, match="holds a run with other settings \\(beta1: 0.5 -> 1.0\\)"):
+    with pytest.raises(OutputError, match="holds a run with other settings \\(beta1: 0.5 -> 1.0\\)"):
         Trainer(_train_cfg(tiny_model, values, tmp_path / "r4", beta1=1.0), reward=DigitReward())
 
 

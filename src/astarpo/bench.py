@@ -31,12 +31,12 @@ import torch
 import yaml
 
 from . import __version__, rewards
-from .config import BenchConfig, ConfigError
-from .data import encode_prompts, load_records
-from .evaluate import evaluate, write_text_atomic
+from .config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
+from .data import load_prompts
+from .evaluate import evaluate
 from .models import load_model, load_tokenizer, resolve_model
 from .objectives import OBJECTIVES
-from .quickstart import RECIPE, STAGE1, STAGE2
+from .rundir import check_same_settings, write_json_atomic
 
 
 class BenchError(RuntimeError):
@@ -66,19 +66,20 @@ def machine() -> dict[str, Any]:
 class _Scorer:
     """Held-out greedy accuracy and KL to the reference of a checkpoint, in this (untimed) process."""
 
-    def __init__(self, model: str, limit: int) -> None:
-        self.model_dir = resolve_model(model)
+    def __init__(self, recipe: TrainConfig, limit: int) -> None:
+        self.recipe = recipe
+        self.model_dir = resolve_model(recipe.model)
         self.tokenizer = load_tokenizer(self.model_dir)
-        records = load_records(RECIPE["data"], "test", limit)
-        self.records, self.prompt_ids = encode_prompts(self.tokenizer, records, 256, True, "error")
+        self.records, self.prompt_ids = load_prompts(self.tokenizer, recipe, recipe.eval_data, recipe.eval_split,
+                                                     limit)
         self.ref = load_model(self.model_dir).eval()
-        self.reward_fn = rewards.resolve(RECIPE["reward"])[1]
+        self.reward_fn = rewards.resolve(recipe.reward)[1]
 
     def __call__(self, model_dir: Path | None) -> dict[str, float]:
-        torch.manual_seed(RECIPE["seed"])  # the same KL samples for the same weights
+        torch.manual_seed(self.recipe.seed)  # the same KL samples for the same weights
         model = self.ref if model_dir is None else load_model(model_dir).eval()
         res = evaluate(model, self.tokenizer, self.records, self.prompt_ids, self.reward_fn,
-                       max_new_tokens=RECIPE["max_new_tokens"], ref_model=self.ref)
+                       max_new_tokens=self.recipe.max_new_tokens, ref_model=self.ref)
         return {"accuracy": res["accuracy"], "kl_to_ref": res["kl_to_ref"]}
 
 
@@ -91,30 +92,28 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     # External rows can be added to a finished benchmark: they do not change the others.
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("output_dir", "json", "target_accuracy", "external")}
-    settings_file = out / "bench_settings.json"
-    if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
-        raise ConfigError(f"{out} holds a benchmark with other settings; choose another --output-dir or delete it")
-    settings_file.write_text(json.dumps(settings, indent=1))
-    common = {**RECIPE, "model": cfg.model, "limit": cfg.train_prompts}
+    check_same_settings(out / "bench_settings.json", settings, "choose another --output-dir or delete it")
+    write_json_atomic(out / "bench_settings.json", settings)
+    shared, stage1, stage2 = recipe(cfg)
 
     stage1_seconds: dict[str, float] = {}
     if "astarpo" in cfg.algo_names:
         values = out / "values.parquet"
         if not values.is_file():
-            (out / "values.yaml").write_text(yaml.safe_dump({**common, "n": STAGE1["n"], "output": str(values)}))
+            (out / "values.yaml").write_text(yaml.safe_dump({**shared, "n": stage1.n, "output": str(values)}))
             t0 = time.perf_counter()
             _run(["values", "--config", str(out / "values.yaml")], out / "values.log")
-            write_text_atomic(out / "stage1_seconds.json", json.dumps(time.perf_counter() - t0))
+            write_json_atomic(out / "stage1_seconds.json", time.perf_counter() - t0)
         stage1_seconds["astarpo"] = json.loads((out / "stage1_seconds.json").read_text())
     for algo in cfg.algo_names:
-        train = {**common, "algo": algo, "output_dir": str(out / algo), "batch_size": cfg.batch_size,
-                 "micro_batch_size": STAGE2["micro_batch_size"], "learning_rate": STAGE2["learning_rate"],
-                 "beta2": STAGE2["beta2"], "save_every": cfg.eval_every, "keep_checkpoints": 1}
+        train = {"algo": algo, "output_dir": str(out / algo), "batch_size": cfg.batch_size,
+                 "micro_batch_size": stage2.micro_batch_size, "learning_rate": stage2.learning_rate,
+                 "beta2": stage2.beta2, "save_every": cfg.eval_every, "keep_checkpoints": 1}
         if algo == "astarpo":
-            train.update(values=str(out / "values.parquet"), beta1=STAGE2["beta1"])
-        (out / f"{algo}.yaml").write_text(yaml.safe_dump({"train": train}))  # `values` is also a section name
+            train["values"] = str(out / "values.parquet")
+        (out / f"{algo}.yaml").write_text(yaml.safe_dump({**shared, "train": train}))
 
-    scorer = _Scorer(cfg.model, cfg.eval_limit)
+    scorer = _Scorer(stage2, cfg.eval_limit)
     scores_file = out / "scores.json"
     scores: dict[str, dict[str, dict[str, float]]] = json.loads(scores_file.read_text()) if scores_file.is_file() \
         else {}
@@ -130,22 +129,22 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
                 _run(["train", "--config", str(out / f"{algo}.yaml"), "--steps", str(end)], out / f"{algo}.log")
                 ckpt = out / algo / "checkpoints" / f"step-{end:06d}"
                 scores.setdefault(algo, {})[str(end)] = scorer(ckpt)
-                write_text_atomic(scores_file, json.dumps(scores, indent=1))  # read back on resume
+                write_json_atomic(scores_file, scores)  # read back on resume
             bar.update()
     for name in cfg.external_names:  # TRL's trainers: one whole run each, after the interleaved rounds
         bar.set_postfix(method=name, step=cfg.steps)
         if str(cfg.steps) not in scores.get(name, {}):
             shutil.rmtree(out / name, ignore_errors=True)  # an interrupted TRL run starts over
             spec = {"trainer": name, "model_dir": str(resolve_model(cfg.model)), "output_dir": str(out / name),
-                    "data": RECIPE["data"], "reward": RECIPE["reward"], "train_prompts": cfg.train_prompts,
+                    "data": stage2.data, "reward": stage2.reward, "train_prompts": cfg.train_prompts,
                     "batch_size": cfg.batch_size, "group_size": OBJECTIVES["grpo"].group_size, "steps": cfg.steps,
-                    "save_every": cfg.eval_every, "max_new_tokens": RECIPE["max_new_tokens"],
-                    "learning_rate": STAGE2["learning_rate"], "beta": STAGE2["beta2"], "beta1": STAGE2["beta1"],
-                    "n": STAGE1["n"], "seed": RECIPE["seed"]}
+                    "save_every": cfg.eval_every, "max_new_tokens": stage2.max_new_tokens,
+                    "learning_rate": stage2.learning_rate, "beta": stage2.beta2, "beta1": stage2.beta1,
+                    "n": stage1.n, "seed": stage2.seed}
             (out / f"{name}.json").write_text(json.dumps(spec, indent=1))
             _run([str(out / f"{name}.json")], out / f"{name}.log", module="astarpo.bench_trl")
             scores[name] = {str(end): scorer(out / name / "trl" / f"checkpoint-{end}") for end in cfg.segments}
-            write_text_atomic(scores_file, json.dumps(scores, indent=1))  # read back on resume
+            write_json_atomic(scores_file, scores)  # read back on resume
         if (out / name / "stage1_seconds.json").is_file():
             stage1_seconds[name] = json.loads((out / name / "stage1_seconds.json").read_text())
         bar.update()
@@ -157,6 +156,14 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     (out / "bench.md").write_text(markdown(report))
     plot(report, out / "bench.png")
     return report
+
+
+def recipe(cfg: BenchConfig) -> tuple[dict[str, Any], ValuesConfig, TrainConfig]:
+    """The quickstart's recipe on the bench's model and number of training prompts: its shared settings and the
+    Stage 1 and Stage 2 configs they give; each method's own settings are added in :func:`bench`."""
+    shared = {k: v for k, v in load_yaml(QUICKSTART).items() if k not in SECTIONS.values()}
+    shared.update(model=cfg.model, limit=cfg.train_prompts)
+    return shared, build(ValuesConfig, QUICKSTART, **shared), build(TrainConfig, QUICKSTART, **shared)
 
 
 def summarize(cfg: BenchConfig, scores: dict[str, dict[str, dict[str, float]]], stage1_seconds: dict[str, float]
@@ -199,10 +206,11 @@ def summarize(cfg: BenchConfig, scores: dict[str, dict[str, dict[str, float]]], 
             both = a["seconds_to_target"] is not None and m["seconds_to_target"] is not None
             m["astarpo_time_to_target_ratio"] = round(a["seconds_to_target"] / m["seconds_to_target"], 3) \
                 if both else None
-    recipe = {**RECIPE, "model": cfg.model, "learning_rate": STAGE2["learning_rate"], "beta1": STAGE2["beta1"],
-              "beta2": STAGE2["beta2"], "stage1_n": STAGE1["n"]}
-    return {"settings": {**asdict(cfg), "recipe": recipe},
-            "machine": machine(), "seed": RECIPE["seed"], "target_accuracy": target, "untrained": base,
+    _, stage1, stage2 = recipe(cfg)
+    used = {k: getattr(stage2, k) for k in ("model", "data", "reward", "max_new_tokens", "temperature", "top_p",
+                                            "seed", "learning_rate", "beta1", "beta2")} | {"stage1_n": stage1.n}
+    return {"settings": {**asdict(cfg), "recipe": used},
+            "machine": machine(), "seed": stage2.seed, "target_accuracy": target, "untrained": base,
             "methods": methods}
 
 

@@ -20,7 +20,7 @@ import torch
 from . import rewards
 from .data import format_prompt, load_records
 from .models import load_tokenizer
-from .trainer import peak_memory_mb
+from .utils import peak_memory_mb
 
 
 def build(spec: dict[str, Any], callbacks: list[Any]) -> tuple[Any, int]:

@@ -13,6 +13,7 @@ from .bench import BenchError
 from .config import BenchConfig, ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
 from .data import DataError
 from .rewards import RewardError
+from .rundir import OutputError
 from .trainer import TrainError
 from .values import ValuesError
 
@@ -24,7 +25,8 @@ COMMANDS = {
                            "accuracy and KL side by side"),
 }
 # One-line errors for what the user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (BenchError, ConfigError, DataError, RewardError, TrainError, ValuesError, FileNotFoundError, KeyError)
+USER_ERRORS = (BenchError, ConfigError, DataError, OutputError, RewardError, TrainError, ValuesError,
+               FileNotFoundError, KeyError)
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:

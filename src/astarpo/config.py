@@ -162,9 +162,15 @@ class TrainConfig(CommonConfig):
                                                         "is the base model with adapters disabled"})
     lora_alpha: int = 32
     lora_target_modules: str = field(default="all-linear", metadata={"help": "comma list, or all-linear"})
+    report_to: str = field(default="", metadata={
+        "help": "comma list of experiment trackers that accelerate logs the metrics to (tensorboard, wandb, "
+                "mlflow, ...); metrics.jsonl is always written"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in self.report_names:
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"report_to names {name}, which is not installed: pip install {name}")
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("algo", self.algo, tuple(OBJECTIVES))
         if self.algo != "astarpo" and self.values is not None:
@@ -201,6 +207,10 @@ class TrainConfig(CommonConfig):
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+
+    @property
+    def report_names(self) -> list[str]:
+        return _comma_list(self.report_to)
 
 
 @dataclass
@@ -344,33 +354,46 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 SECTIONS = {"ValuesConfig": "values", "TrainConfig": "train", "EvalConfig": "eval", "BenchConfig": "bench"}
+# What a named benchmark fixes itself: an eval with benchmarks does not inherit these from the top level.
+_PROMPT_SET_KEYS = ("data", "split", "limit", "reward", "prompt_column", "answer_column", "prompt_template",
+                    "max_prompt_tokens", "on_long_prompt")
+QUICKSTART = Path(__file__).parent / "configs" / "quickstart.yaml"  # the default run's recipe, shipped in the package
 
 
-def build(cls: type, yaml_path: str | None = None, **overrides: Any) -> Any:
+def load_yaml(yaml_path: str | Path) -> dict[str, Any]:
+    """A recipe file as a mapping: shared top-level settings and the sections values/train/eval/bench."""
+    path = Path(yaml_path)
+    if not path.is_file():
+        raise ConfigError(f"{yaml_path}: no such config file")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict) or any(not isinstance(loaded.get(s, {}) or {}, dict) for s in SECTIONS.values()):
+        raise ConfigError(f"{yaml_path}: expected a mapping of settings (sections values/train/eval/bench too)")
+    anywhere = {f.name for c in (ValuesConfig, TrainConfig, EvalConfig, BenchConfig) for f in dataclasses.fields(c)}
+    typos = sorted(k for k in loaded if k not in SECTIONS.values() and k not in anywhere)
+    if typos:
+        raise ConfigError(f"{yaml_path}: unknown setting(s) {', '.join(typos)}")
+    return loaded
+
+
+def build(cls: type, yaml_path: str | Path | None = None, **overrides: Any) -> Any:
     """A validated ``cls`` from defaults, then the YAML file, then ``overrides`` (e.g. parsed CLI flags).
 
-    One YAML file can serve a whole recipe: top-level keys are shared by every command that has them, and the
-    sections ``values:``, ``train:``, ``eval:`` and ``bench:`` hold each command's own settings (they win over
-    shared ones).
+    One YAML file serves a whole recipe: top-level keys are set once and apply to every command that has the
+    setting, and the sections ``values:``, ``train:``, ``eval:`` and ``bench:`` hold each command's own settings
+    (they win over shared ones). An eval with ``benchmarks`` takes no prompt-set setting (data, reward,
+    prompt_template, limit, ...) from the top level: each benchmark brings its own.
     """
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if yaml_path:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"{yaml_path}: no such config file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict) or any(not isinstance(loaded.get(s, {}) or {}, dict)
-                                               for s in SECTIONS.values()):
-            raise ConfigError(f"{yaml_path}: expected a mapping of settings (sections values/train/eval/bench too)")
-        anywhere = {f.name for c in (ValuesConfig, TrainConfig, EvalConfig, BenchConfig) for f in dataclasses.fields(c)}
-        shared = {k: v for k, v in loaded.items() if k not in SECTIONS.values()}
-        typos = sorted(set(shared) - anywhere)
-        if typos:
-            raise ConfigError(f"{yaml_path}: unknown setting(s) {', '.join(typos)}")
-        values.update({k: v for k, v in shared.items() if k in known})
-        values.update(loaded.get(SECTIONS[cls.__name__]) or {})
+        loaded = load_yaml(yaml_path)
+        section = loaded.get(SECTIONS[cls.__name__]) or {}
+        shared = {k: v for k, v in loaded.items() if k in known and k not in SECTIONS.values()}
+        if cls is EvalConfig and (overrides.get("benchmarks") or section.get("benchmarks")):
+            shared = {k: v for k, v in shared.items() if k not in _PROMPT_SET_KEYS}
+        values.update(shared)
+        values.update(section)
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(values) - known)
     if unknown:

@@ -115,6 +115,16 @@ def normalize(
     return out
 
 
+def load_prompts(tokenizer: Any, cfg: Any, data: str | None = None, split: str | None = None,
+                 limit: int | None = None) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """Records and their prompt tokens, as ``cfg`` (a :class:`~astarpo.config.CommonConfig`) says. ``data``
+    names another prompt set (a held-out one), read with ``split`` and ``limit`` instead of the config's."""
+    if data is None:
+        data, split, limit = cfg.data, cfg.split, cfg.limit
+    records = load_records(data, split, limit, cfg.prompt_column, cfg.answer_column, cfg.prompt_template)
+    return encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template, cfg.on_long_prompt)
+
+
 def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool = True) -> str:
     """The text the model sees: the tokenizer's chat template when it has one, else the prompt as is."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,13 +19,12 @@ import torch
 from . import rewards
 from .benchmarks import get_benchmark, load_benchmark
 from .config import ConfigError, EvalConfig
-from .data import encode_prompts, load_records
-from .generation import sample, sequence_logprobs
+from .data import encode_prompts, load_prompts
+from .generation import HFSampler, SamplingParams, collect, sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
-from .values import diff_settings
+from .rundir import RUN_FILE, diff_settings, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-RUN_FILE = "astarpo_run.json"  # written into every checkpoint: which reference model it was trained against
 
 
 def evaluate(model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
@@ -34,26 +32,21 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[l
              max_new_tokens: int = 256, batch_size: int = 64, ref_model: Any = None,
              on_reward_error: str = "raise", micro_batch_size: int = 8) -> dict[str, Any]:
     """Score ``model`` on tokenized prompts. Returns accuracy figures and per-prompt samples."""
-    eos = eos_ids(model, tokenizer)
-    extra = [c for c in records[0] if c not in ("id", "prompt")]
-
-    def score(roll):
-        cols = {c: [records[i][c] for i in roll.prompt_index] for c in extra}
-        return torch.tensor(rewards.score(reward_fn, [records[i]["prompt"] for i in roll.prompt_index],
-                                          roll.completions, cols, on_reward_error), dtype=torch.float64)
-
+    sampler = HFSampler(model, tokenizer, eos_ids(model, tokenizer), batch_size)
     start = time.perf_counter()
-    greedy = sample(model, tokenizer, prompt_ids, 1, 0.0, 1.0, max_new_tokens, eos, batch_size)
-    g = score(greedy)
+    greedy = collect(sampler, records, prompt_ids, 1, SamplingParams(0.0, 1.0, max_new_tokens), reward_fn,
+                     on_reward_error)
+    g = torch.tensor(greedy.rewards, dtype=torch.float64)
     result: dict[str, Any] = {"prompts": len(records), "accuracy": _nanmean(g), "k": k,
                               "mean_response_tokens": sum(greedy.lengths) / len(greedy)}
-    sampled = None
-    if k > 1 or ref_model is not None:
-        sampled = sample(model, tokenizer, prompt_ids, k, temperature, top_p, max_new_tokens, eos, batch_size)
+    params = SamplingParams(temperature, top_p, max_new_tokens)
     if k > 1:
-        s = score(sampled).view(len(records), k)
+        sampled = collect(sampler, records, prompt_ids, k, params, reward_fn, on_reward_error)
+        s = torch.tensor(sampled.rewards, dtype=torch.float64).view(len(records), k)
         result["avg_at_k"] = _nanmean(s)
         result["pass_at_k"] = float((s > 0).any(-1).double().mean())
+    elif ref_model is not None:
+        sampled = sampler.generate(prompt_ids, 1, params)  # the KL needs samples from the model, not rewards
     if ref_model is not None:
         pad = tokenizer.pad_token_id
         log_ratio = (sequence_logprobs(model, sampled, pad, micro_batch_size)
@@ -80,14 +73,12 @@ def run_eval(cfg: EvalConfig, reward: str | rewards.RewardFn | None = None) -> d
     model_dir = resolve_model(cfg.model)
     reference = _reference(cfg, model_dir)
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
-    records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column, cfg.prompt_template)
-    records, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
-                                         cfg.on_long_prompt)
+    records, prompt_ids = load_prompts(tokenizer, cfg)
     model, ref_model = _load_models(cfg, model_dir, reference)
     result = _evaluate(cfg, model, tokenizer, records, prompt_ids, reward_fn, ref_model)
     result = {"model": cfg.model, "reference": reference, "data": cfg.data, "split": cfg.split,
               "reward": reward_name, **result}
-    write_text_atomic(Path(cfg.output), json.dumps(result, indent=1))
+    write_json_atomic(Path(cfg.output), result)
     return result
 
 
@@ -136,13 +127,12 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             log.info("%s: %d prompts", name, len(records))
             result = _evaluate(cfg, model, tokenizer, records, prompt_ids, rewards.get(bench.reward), ref_model)
             done[name] = {"reward": bench.reward, "skipped": skipped, **result}
-            write_text_atomic(parts / f"{name}.json",
-                              json.dumps({"settings": settings, "result": done[name]}, indent=1))
+            write_json_atomic(parts / f"{name}.json", {"settings": settings, "result": done[name]})
             log.info("%s: pass@1 %.1f%% (%.0f s)", name, 100 * result["accuracy"], result["seconds"])
     benchmarks = {name: done[name] for name in cfg.benchmark_names}
     summary = {"model": cfg.model, "reference": reference, "k": cfg.k, "settings": settings, "benchmarks": benchmarks,
                "average": sum(r["accuracy"] for r in benchmarks.values()) / len(benchmarks)}
-    write_text_atomic(out, json.dumps(summary, indent=1))
+    write_json_atomic(out, summary)
     write_text_atomic(out.with_suffix(".md"), markdown_table(summary))
     shutil.rmtree(parts, ignore_errors=True)
     return summary
@@ -199,11 +189,3 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], 
     return evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=cfg.k, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
                     ref_model=ref_model, on_reward_error=cfg.on_reward_error)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so an interrupted run never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -1,9 +1,13 @@
-"""Batched sampling and response log-probabilities.
+"""Sampling, scoring and response log-probabilities: the one path from prompts to scored responses.
+
+Stage 1, Stage 2 (every objective) and evaluation all call :func:`collect`: a :class:`Sampler` draws the
+responses, the reward function scores them. A sampler is the seam for generation engines: :class:`HFSampler`
+runs Hugging Face ``generate`` on a model in this process; another engine implements the same two methods.
+Log-probs for losses always come from the training model, through :func:`response_logprobs`, so the masks are
+defined once.
 
 A response is the generated tokens up to and including the first EOS; anything generate() wrote after it
 (padding) is not part of it. A response that hit ``max_new_tokens`` without EOS is kept as truncated.
-Both Stage 1 and Stage 2 sample here, and the trainer scores responses with :func:`response_logprobs`, so the
-masks are defined once.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+
+from . import rewards
 
 
 @dataclass
@@ -25,6 +31,7 @@ class Rollout:
     response_tokens: list[list[int]]  # up to and including the first EOS
     completions: list[str]  # decoded responses, special tokens removed
     truncated: list[bool] = field(default_factory=list)  # hit max_new_tokens before EOS
+    rewards: list[float] = field(default_factory=list)  # set by collect(); NaN where on_reward_error skipped
 
     def __len__(self) -> int:
         return len(self.prompt_index)
@@ -32,11 +39,65 @@ class Rollout:
     def select(self, rows: list[int]) -> Rollout:
         return Rollout([self.prompt_index[i] for i in rows], [self.prompt_tokens[i] for i in rows],
                        [self.response_tokens[i] for i in rows], [self.completions[i] for i in rows],
-                       [self.truncated[i] for i in rows])
+                       [self.truncated[i] for i in rows], [self.rewards[i] for i in rows] if self.rewards else [])
 
     @property
     def lengths(self) -> list[int]:
         return [len(r) for r in self.response_tokens]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How responses are drawn. Temperature 0 is greedy decoding (then one response per prompt)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+
+class Sampler(Protocol):
+    """A generation engine. Stage 2 calls ``load_weights`` after every optimizer step, so that the next samples
+    come from the updated policy."""
+
+    def generate(self, prompt_tokens: list[list[int]], n: int, params: SamplingParams,
+                 progress: Callable[[int], None] | None = None) -> Rollout:
+        """``n`` responses per prompt, ``n`` consecutive rows per prompt, in prompt order."""
+        ...
+
+    def load_weights(self, model: Any) -> None:
+        """Take the weights of ``model`` (the policy being trained)."""
+        ...
+
+
+class HFSampler:
+    """Hugging Face ``generate`` on a model in this process, each prompt prefilled once for its ``n`` samples.
+
+    In Stage 2 it holds the policy itself, so the weights it samples with are always the current ones and
+    ``load_weights`` has nothing to copy.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, eos: list[int], batch_size: int = 64) -> None:
+        self.model, self.tokenizer, self.eos, self.batch_size = model, tokenizer, eos, batch_size
+
+    def generate(self, prompt_tokens: list[list[int]], n: int, params: SamplingParams,
+                 progress: Callable[[int], None] | None = None) -> Rollout:
+        return sample(self.model, self.tokenizer, prompt_tokens, n, params.temperature, params.top_p,
+                      params.max_new_tokens, self.eos, self.batch_size, progress)
+
+    def load_weights(self, model: Any) -> None:
+        if model is not self.model:
+            raise ValueError("HFSampler samples from the model it was built with; build it with the policy")
+
+
+def collect(sampler: Sampler, records: list[dict[str, Any]], prompt_tokens: list[list[int]], n: int,
+            params: SamplingParams, reward_fn: rewards.RewardFn, on_reward_error: str = "raise",
+            progress: Callable[[int], None] | None = None) -> Rollout:
+    """Sample ``n`` responses per prompt and score each with ``reward_fn`` (TRL's signature; the records' other
+    columns are passed through). ``records[i]`` belongs to ``prompt_tokens[i]``."""
+    roll = sampler.generate(prompt_tokens, n, params, progress)
+    roll.rewards = rewards.score_records(reward_fn, [records[i] for i in roll.prompt_index], roll.completions,
+                                         on_reward_error)
+    return roll
 
 
 def collate(rollout: Rollout, pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

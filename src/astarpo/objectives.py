@@ -127,17 +127,17 @@ class Batch:
     """Tensors for a set of rows: one step's samples in :meth:`Objective.prepare`, a micro-batch in :meth:`loss`.
 
     Per-token fields are [B, T] and zero outside ``mask``; ``logp`` carries gradients in :meth:`loss` only.
-    Fields an objective does not ask for (``uses_*``) are None.
+    Fields an objective does not ask for (:attr:`Objective.inputs`) are None.
     """
 
     mask: Tensor
     reward: Tensor  # [B]
     logp: Tensor | None = None  # current policy
-    old_logp: Tensor | None = None  # the policy that sampled (uses_old_logp)
-    ref_logp: Tensor | None = None  # reference policy (uses_reference)
-    v_star: Tensor | None = None  # [B], from Stage 1 (uses_values)
-    values: Tensor | None = None  # critic, with gradients in loss() (uses_critic)
-    old_values: Tensor | None = None  # critic at sampling time (uses_critic)
+    old_logp: Tensor | None = None  # the policy that sampled
+    ref_logp: Tensor | None = None  # reference policy
+    v_star: Tensor | None = None  # [B], from Stage 1
+    values: Tensor | None = None  # critic, with gradients in loss() (trains_critic)
+    old_values: Tensor | None = None  # critic at sampling time
     advantage: Tensor | None = None  # [B] or [B, T], set by prepare()
     returns: Tensor | None = None  # [B, T], set by prepare() (PPO)
 
@@ -152,15 +152,22 @@ class Batch:
 
 
 class Objective:
-    """One Stage 2 algorithm. Subclasses set the class attributes and write ``loss`` (and ``prepare``)."""
+    """One Stage 2 algorithm. Subclasses set the class attributes and write ``loss`` (and ``prepare``).
+
+    An objective declares what it reads and the loop computes exactly that, once per step and without gradients:
+    ``inputs`` names the :class:`Batch` fields among ``v_star`` (from Stage 1), ``ref_logp`` (reference policy),
+    ``old_logp`` (the sampling policy, read by ``prepare``) and ``old_values`` (the critic). ``ratio`` says that
+    ``loss`` reads ``old_logp`` for an importance ratio; on the first update the sampling policy is the current
+    one, so the loop hands the detached log-probs of the forward pass instead of running another one, unless
+    several updates share the batch (:meth:`needs`).
+    """
 
     name = ""
     group_size = 1  # responses sampled per prompt
-    uses_values = False  # needs V* from a Stage 1 values file
-    uses_reference: bool | None = False  # needs log pi_ref per token (a frozen reference, or LoRA adapters
-    # disabled); None: only for a KL term, i.e. when beta > 0
-    uses_old_logp = False  # needs log pi_old per token (equal to the current policy's on the first update)
-    uses_critic = False  # trains a value model next to the policy
+    inputs: frozenset[str] = frozenset()
+    ratio = False
+    trains_critic = False  # a value model trains next to the policy
+    kl_inputs: frozenset[str] = frozenset()  # added to ``inputs`` when beta > 0 (a KL term against pi_ref)
 
     def __init__(self, beta: float, clip_eps: float = 0.2, group_size: int | None = None, gae_lambda: float = 0.95,
                  all_sum: Callable[[Tensor], Tensor] = lambda t: t) -> None:
@@ -169,8 +176,11 @@ class Objective:
         self.beta, self.clip_eps, self.gae_lambda, self.all_sum = beta, clip_eps, gae_lambda, all_sum
         if group_size is not None:  # the config allows it only where the method has a free group size
             self.group_size = group_size
-        if self.uses_reference is None:
-            self.uses_reference = beta > 0
+        self.inputs = self.inputs | (self.kl_inputs if beta > 0 else frozenset())
+
+    def needs(self, several_updates: bool) -> frozenset[str]:
+        """The per-step inputs to compute before the first update of a step."""
+        return self.inputs | ({"old_logp"} if self.ratio and several_updates else frozenset())
 
     def prepare(self, b: Batch) -> None:
         """Once per step, before any update, on all of this process's samples: fill in ``b.advantage``."""
@@ -183,7 +193,7 @@ class Objective:
 class AStarPO(Objective):
     """A*-PO: one sample per prompt, V* from Stage 1, no critic, no clipping, no group."""
 
-    name, uses_values, uses_reference = "astarpo", True, True
+    name, inputs = "astarpo", frozenset({"v_star", "ref_logp"})
 
     def loss(self, b: Batch) -> Tensor:
         return astarpo_loss(seq_sum(b.logp, b.mask), seq_sum(b.ref_logp, b.mask), b.reward, b.v_star, self.beta)
@@ -192,7 +202,7 @@ class AStarPO(Objective):
 class GRPO(Objective):
     """GRPO with DeepSeekMath's k3 KL term weighted by ``beta`` (0 drops it and the reference model)."""
 
-    name, group_size, uses_old_logp, uses_reference = "grpo", 8, True, None
+    name, group_size, ratio, kl_inputs = "grpo", 8, True, frozenset({"ref_logp"})
 
     def prepare(self, b: Batch) -> None:
         b.advantage = grpo_advantages(b.reward, self.group_size)
@@ -205,7 +215,7 @@ class GRPO(Objective):
 class RLOO(Objective):
     """RLOO with the sequence-level KL penalty in the reward, r - beta * log(pi_old / pi_ref)."""
 
-    name, group_size, uses_old_logp, uses_reference = "rloo", 4, True, None
+    name, group_size, ratio, kl_inputs = "rloo", 4, True, frozenset({"ref_logp", "old_logp"})
 
     def prepare(self, b: Batch) -> None:
         reward = b.reward
@@ -221,7 +231,7 @@ class RLOO(Objective):
 class REBEL(Objective):
     """REBEL on pairs of responses, with ``beta`` in the role of 1/eta (A*-PO's beta2 plays the same part)."""
 
-    name, group_size, uses_old_logp = "rebel", 2, True
+    name, group_size, ratio = "rebel", 2, True
 
     def loss(self, b: Batch) -> Tensor:
         pair = lambda x: x.view(-1, 2)  # noqa: E731
@@ -233,7 +243,8 @@ class PPO(Objective):
     """PPO with a learned critic, GAE (gamma 1) and the per-token KL penalty -beta * log(pi_old/pi_ref) in the
     reward, the task reward landing on the last response token. Advantages are whitened over the batch."""
 
-    name, uses_old_logp, uses_critic, uses_reference = "ppo", True, True, None
+    name, ratio, trains_critic = "ppo", True, True
+    inputs, kl_inputs = frozenset({"old_values"}), frozenset({"ref_logp", "old_logp"})
     value_coef = 0.1  # weight of the value loss next to the policy loss (TRL's PPO default)
 
     def prepare(self, b: Batch) -> None:

@@ -1,10 +1,8 @@
 """`astarpo quickstart`: the whole pipeline on SmolLM2-135M-Instruct and the arithmetic task, on a laptop CPU.
 
 Stage 1 values -> Stage 2 training (held-out greedy accuracy measured along the way) -> final evaluation
-with KL to the reference -> ``summary.json`` and ``progress.png`` in the run directory.
-
-The recipe departs from the paper's GPU defaults where a 2-core CPU and a few minutes demand it: short
-responses, small batches, and a learning rate suited to full fine-tuning of a 135M model with few steps.
+with KL to the reference -> ``summary.json`` and ``progress.png`` in the run directory. The recipe is the YAML
+file ``astarpo/configs/quickstart.yaml``, read like any other ``--config`` file.
 """
 
 from __future__ import annotations
@@ -14,41 +12,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, ValuesConfig
+from .config import QUICKSTART, TrainConfig, ValuesConfig, build
 from .evaluate import evaluate
-from .models import DEFAULT_MODEL
-from .trainer import Trainer, peak_memory_mb
+from .trainer import Trainer
+from .utils import peak_memory_mb
 from .values import compute_values
-
-RECIPE: dict[str, Any] = {
-    "model": DEFAULT_MODEL, "data": "arithmetic", "reward": "arithmetic", "max_new_tokens": 16,
-    "temperature": 1.0, "top_p": 1.0, "seed": 0,
-}
-STAGE1: dict[str, Any] = {"n": 8, "limit": 160}
-STAGE2: dict[str, Any] = {"beta1": 0.5, "beta2": 1e-3, "learning_rate": 1e-5, "batch_size": 32, "steps": 12,
-                          "micro_batch_size": 16, "eval_data": "arithmetic", "eval_limit": 100, "eval_every": 4,
-                          "save_every": 6, "limit": 160}
 
 
 def quickstart(output_dir: str = "runs/quickstart") -> dict[str, Any]:
+    """Run the recipe in ``configs/quickstart.yaml`` (inside the package) end to end into ``output_dir``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    values_path = compute_values(ValuesConfig(**RECIPE, **STAGE1, output=str(out / "values.parquet")))
+    stage1 = build(ValuesConfig, QUICKSTART, output=str(out / "values.parquet"))
+    values_path = compute_values(stage1)
     stage1_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    trainer = Trainer(TrainConfig(**RECIPE, **STAGE2, values=str(values_path), output_dir=str(out / "train")))
+    trainer = Trainer(build(TrainConfig, QUICKSTART, values=str(values_path), output_dir=str(out / "train")))
     trainer.train()
     stage2_seconds = time.perf_counter() - t1
 
     final = evaluate(trainer.accelerator.unwrap_model(trainer.policy), trainer.tokenizer, trainer.eval_records,
-                     trainer.eval_prompt_ids, trainer.reward_fn, temperature=RECIPE["temperature"],
-                     max_new_tokens=RECIPE["max_new_tokens"], ref_model=trainer.ref)
+                     trainer.eval_prompt_ids, trainer.reward_fn, temperature=trainer.cfg.temperature,
+                     max_new_tokens=trainer.cfg.max_new_tokens, ref_model=trainer.ref)
     metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "eval_accuracy" in m]
     summary = {
-        "model": RECIPE["model"], "task": RECIPE["data"], "train_prompts": len(trainer.records),
+        "model": stage1.model, "task": stage1.data, "train_prompts": len(trainer.records),
         "unsolved_dropped": trainer.unsolved_dropped, "eval_prompts": len(trainer.eval_records),
         "steps": trainer.steps, "accuracy_before": evals[0]["eval_accuracy"], "accuracy_after": final["accuracy"],
         "kl_to_ref": final["kl_to_ref"], "stage1_seconds": round(stage1_seconds, 1),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,10 +35,12 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from . import __version__, rewards
-from .config import ValuesConfig
-from .data import encode_prompts, load_records
-from .generation import sample
+from .config import CommonConfig, ValuesConfig
+from .data import load_prompts
+from .generation import HFSampler, SamplingParams, collect
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model, tokenizer_hash
+from .rundir import atomic_path, check_writable, diff_settings
+from .utils import cpu_processes
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -128,32 +129,17 @@ def shard_seed(seed: int, shard: int) -> int:
     return (seed * 1_000_003 + shard) % (2**63)
 
 
-def cpu_processes() -> bool:
-    """True when launched as several processes on a machine without CUDA: accelerate then needs ``cpu=True``
-    to join them over gloo (otherwise each process would run alone)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def check_writable(directory: Path) -> None:
-    """Fail before any sampling if results could not be saved (read-only, full disk, a file in the way)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".astarpo-write-test-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        reason = "Not a directory" if directory.exists() and not directory.is_dir() else e.strerror or str(e)
-        raise ValuesError(f"cannot write to {directory} ({reason}); choose a writable output location "
-                          "with free space") from e
-
-
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def reference_provenance(cfg: CommonConfig, model_dir: Path, reward_name: str) -> dict[str, Any]:
+    """What a values file must share with a training run (:data:`SAMPLING_KEYS`), and the model's name."""
+    return {"reference_model": cfg.model, "reference_model_hash": content_hash(model_dir),
+            "reference_tokenizer_hash": tokenizer_hash(model_dir), "reward": reward_name,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+            "use_chat_template": cfg.use_chat_template, "prompt_template": cfg.prompt_template}
 
 
 def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = None) -> Path:
@@ -163,12 +149,9 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     model_dir = resolve_model(cfg.model)
     provenance = {
         "format_version": FORMAT_VERSION, "astarpo_version": __version__,
-        "reference_model": cfg.model, "reference_model_hash": content_hash(model_dir),
-        "reference_tokenizer_hash": tokenizer_hash(model_dir),
-        "reward": reward_name, "n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p,
-        "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "data": cfg.data, "split": cfg.split,
-        "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens, "use_chat_template": cfg.use_chat_template,
-        "prompt_template": cfg.prompt_template, "shard_size": cfg.shard_size,
+        **reference_provenance(cfg, model_dir, reward_name), "n": cfg.n, "seed": cfg.seed, "data": cfg.data,
+        "split": cfg.split, "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens,
+        "shard_size": cfg.shard_size,
     }
     if cfg.adaptive:  # only then, so that files from fixed-N runs keep matching their settings
         provenance.update(n=None, adaptive=True, round_size=cfg.round_size, n_max=cfg.n_max, beta1=cfg.beta1,
@@ -187,9 +170,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     check_writable(out.parent)
     # Bad data fails here, before anything is written.
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
-    records = load_records(cfg.data, cfg.split, cfg.limit, cfg.prompt_column, cfg.answer_column, cfg.prompt_template)
-    records, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
-                                         cfg.on_long_prompt)
+    records, prompt_ids = load_prompts(tokenizer, cfg)
     shards_dir = out.with_name(out.name + ".shards")
     prov_path = shards_dir / "provenance.json"
     if prov_path.exists():  # every process checks before any writes, so all of them fail alike
@@ -210,15 +191,15 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     start = time.perf_counter()
     if todo:
         model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
-        eos = eos_ids(model, tokenizer)
+        sampler = HFSampler(model, tokenizer, eos_ids(model, tokenizer), cfg.generation_batch_size)
         my_prompts = sum(min(cfg.shard_size, len(records) - k * cfg.shard_size) for k in mine)
         done_samples = (len(mine) - len(todo)) * cfg.shard_size * per_prompt
         with tqdm(total=my_prompts * per_prompt, initial=min(done_samples, my_prompts * per_prompt),
                   unit="sample", desc="stage 1", dynamic_ncols=True, disable=not state.is_main_process) as bar:
             for k in todo:
                 lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(records))
-                table, drawn = _sample_shard(cfg, model, tokenizer, eos, records[lo:hi], prompt_ids[lo:hi],
-                                             reward_name, reward_fn, shard_seed(cfg.seed, k), bar.update)
+                table, drawn = _sample_shard(cfg, sampler, records[lo:hi], prompt_ids[lo:hi], reward_name,
+                                             reward_fn, shard_seed(cfg.seed, k), bar.update)
                 _write_atomic(table, shards_dir / f"shard-{k:05d}.parquet")
                 bar.update((hi - lo) * per_prompt - drawn)  # an adaptive shard stops short of n_max
     state.wait_for_everyone()
@@ -241,27 +222,22 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     return out
 
 
-def _sample_shard(cfg: ValuesConfig, model: Any, tokenizer: Any, eos: list[int], records: list[dict],
-                  prompt_ids: list[list[int]], reward_name: str, reward_fn: rewards.RewardFn, seed: int,
-                  progress: Any) -> tuple[pa.Table, int]:
+def _sample_shard(cfg: ValuesConfig, sampler: HFSampler, records: list[dict], prompt_ids: list[list[int]],
+                  reward_name: str, reward_fn: rewards.RewardFn, seed: int, progress: Any) -> tuple[pa.Table, int]:
     """One shard's rows and the number of samples drawn. Fixed N is a single round of ``n``; adaptive draws
     rounds of ``round_size`` for the prompts not yet stopped. Seeded once, so the rounds are deterministic."""
     torch.manual_seed(seed)
-    extra = [k for k in records[0] if k not in ("id", "prompt")]
+    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     got: list[dict[str, list]] = [{"rewards": [], "lengths": [], "responses": []} for _ in records]
     active, skipped, drawn = list(range(len(records))), set(), 0
     per_prompt = cfg.round_size if cfg.adaptive else cfg.n
     while active:
-        roll = sample(model, tokenizer, [prompt_ids[j] for j in active], per_prompt, cfg.temperature, cfg.top_p,
-                      cfg.max_new_tokens, eos, cfg.generation_batch_size, progress)
+        roll = collect(sampler, [records[j] for j in active], [prompt_ids[j] for j in active], per_prompt, params,
+                       reward_fn, cfg.on_reward_error, progress)
         drawn += len(roll)
-        rows = [active[i] for i in roll.prompt_index]
-        columns = {k: [records[j][k] for j in rows] for k in extra}
-        scores = rewards.score(reward_fn, [records[j]["prompt"] for j in rows], roll.completions, columns,
-                               cfg.on_reward_error)
         for a, j in enumerate(active):
             sl = slice(a * per_prompt, (a + 1) * per_prompt)
-            r = scores[sl]
+            r = roll.rewards[sl]
             if any(math.isnan(x) for x in r):
                 skipped.add(j)  # on_reward_error=skip: a prompt needs all its rewards for an unbiased V*
                 continue
@@ -282,11 +258,6 @@ def _sample_shard(cfg: ValuesConfig, model: Any, tokenizer: Any, eos: list[int],
     schema = pa.schema([("id", pa.string()), ("rewards", pa.list_(pa.float64())), ("lengths", pa.list_(pa.int32()))]
                        + ([("responses", pa.list_(pa.string()))] if cfg.save_responses else []))
     return pa.table(table_rows, schema=schema), drawn
-
-
-def diff_settings(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> str:
-    keys = [k for k in new if k not in ignore and old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
 @dataclass

@@ -96,5 +96,13 @@ def score(
     return vals
 
 
+def score_records(fn: RewardFn, records: Sequence[dict[str, Any]], completions: Sequence[str],
+                  on_error: str = "raise") -> list[float]:
+    """:func:`score` for one completion per record: the prompt, and every column but ``id``, from the record."""
+    extra = [c for c in records[0] if c not in ("id", "prompt")] if records else []
+    return score(fn, [r["prompt"] for r in records], completions, {c: [r[c] for r in records] for c in extra},
+                 on_error)
+
+
 def _load_builtins() -> None:
     from . import arithmetic, gsm8k, math  # noqa: F401 - they register themselves
