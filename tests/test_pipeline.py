@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from astarpo import EvalConfig, TrainConfig, Trainer, ValuesConfig, compute_values
 from astarpo.cli import main
+from astarpo.config import ConfigError
 from astarpo.values import ValuesError, read_values
 
 COMMON = {"data": "arithmetic", "reward": "arithmetic", "max_new_tokens": 6, "limit": 24}
@@ -129,3 +130,17 @@ def test_eval_config_from_python(tiny_model, tmp_path):
 
     res = run_eval(EvalConfig(model=str(tiny_model), limit=3, max_new_tokens=4, output=str(tmp_path / "r.json")))
     assert res["prompts"] == 3 and "kl_to_ref" not in res and (tmp_path / "r.json").is_file()
+
+
+def test_report_to_sends_the_metrics_to_accelerate_trackers(tiny_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = _values(tiny_model, tmp_path / "v.parquet")
+    Trainer(_train_cfg(tiny_model, values, tmp_path / "r", steps=2, report_to="tensorboard"),
+            reward=DigitReward()).train()
+    events = EventAccumulator(str(next((tmp_path / "r").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in logged])
+    with pytest.raises(ConfigError, match="report_to names not_a_tracker, which is not installed"):
+        TrainConfig(report_to="tensorboard,not_a_tracker")
