@@ -61,9 +61,10 @@ def test_rloo_hand_computed():
 
 
 def test_rebel_loss_hand_computed():
-    # log-ratios to pi_old: +0.5 and -0.5, difference 1; (0.5 * 1 - (1 - 0))^2 = 0.25
+    # log-ratios to pi_old: +0.5 and -0.5, difference 1; (1 - 0.5 * (1 - 0))^2 = 0.25, and 0 at eta 1
     logp, old, reward = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.5]]), torch.tensor([[1.0, 0.0]])
     assert torch.allclose(rebel_loss(logp, old, reward, 0.5), torch.tensor([0.25]))
+    assert torch.allclose(rebel_loss(logp, old, reward, 1.0), torch.tensor([0.0]))
 
 
 def test_gae_hand_computed():
@@ -138,9 +139,10 @@ def _ppo_token_reward(b, beta):
 
 
 def _cfg(model, out, algo, **kw):
+    coefficient = {"beta2": 0.05, "kl_coef": 0.05, "rebel_eta": 20.0}.get(OBJECTIVES[algo].coefficient)
     return TrainConfig(**{**COMMON, "model": str(model), "output_dir": str(out), "algo": algo, "batch_size": 4,
                           "micro_batch_size": 4, "mini_batch_size": 2, "learning_rate": 1e-2, "save_every": 1,
-                          "beta2": 0.05, **kw})
+                          **({OBJECTIVES[algo].coefficient: coefficient} if coefficient else {}), **kw})
 
 
 @pytest.mark.parametrize("algo, group", [("grpo", 4), ("rloo", 2), ("rebel", 2), ("ppo", 1)])
@@ -190,8 +192,11 @@ def test_a_new_objective_needs_no_change_to_the_loop(tiny_model, tmp_path, monke
     ({"algo": "grpo", "values": "v.parquet"}, "values apply only to algo astarpo"),
     ({"algo": "grpo", "group_size": 1}, "group_size must be >= 2 for grpo"),
     ({"algo": "rebel", "group_size": 4}, "rebel samples 2 response"),
-    ({"algo": "rebel", "beta2": 0}, "beta2 must be a positive number"),
-    ({"algo": "ppo", "beta2": -1}, "beta2 must be a number >= 0"),
+    ({"algo": "rebel", "rebel_eta": 0}, "rebel_eta must be a positive number"),
+    ({"algo": "ppo", "kl_coef": -1}, "kl_coef must be a number >= 0"),
+    ({"algo": "grpo", "beta2": 0.01}, "beta2 does not apply to algo grpo \\(its coefficient is kl_coef\\)"),
+    ({"algo": "astarpo", "kl_coef": 0.1}, "kl_coef does not apply to algo astarpo \\(its coefficient is beta2\\)"),
+    ({"algo": "rloo", "critic_learning_rate": 1e-5}, "critic_learning_rate does not apply to algo rloo"),
     ({"algo": "ppo", "clip_eps": 1.5}, "clip_eps must be in"),
 ])
 def test_baseline_config_errors(settings, message):
@@ -204,3 +209,22 @@ def test_astarpo_without_values_is_refused(tiny_model, tmp_path):
 
     with pytest.raises(TrainError, match="astarpo needs the Stage 1 file"):
         Trainer(_cfg(tiny_model, tmp_path / "x", "astarpo"))
+
+
+@pytest.mark.parametrize("algo, coefficient, value", [("astarpo", "beta2", 1e-3), ("grpo", "kl_coef", 0.0),
+                                                      ("rloo", "kl_coef", 0.05), ("ppo", "kl_coef", 0.01),
+                                                      ("rebel", "rebel_eta", 1.0)])
+def test_each_method_owns_its_coefficient_with_the_cited_default(algo, coefficient, value):
+    cfg = TrainConfig(algo=algo)
+    assert OBJECTIVES[algo].coefficient == coefficient and getattr(cfg, coefficient) == value == cfg.coefficient
+    assert (cfg.kl_coef is None) == (coefficient != "kl_coef")  # a method without a KL weight records none
+
+
+def test_grpo_without_kl_loads_no_reference_and_ppo_critic_has_its_own_optimizer(tiny_model, tmp_path):
+    grpo = Trainer(_cfg(tiny_model, tmp_path / "g", "grpo", steps=1, kl_coef=0.0, group_size=2),
+                   reward=DigitReward())
+    assert grpo.ref is None and "ref_logp" not in grpo.objective.needs(several_updates=True)
+    ppo = Trainer(_cfg(tiny_model, tmp_path / "p", "ppo", steps=1, critic_learning_rate=3e-3), reward=DigitReward())
+    assert ppo.optimizer.param_groups[0]["lr"] == 1e-2 and ppo.critic_optimizer.param_groups[0]["lr"] == 3e-3
+    critic_params = {id(p) for p in ppo.accelerator.unwrap_model(ppo.critic).parameters()}
+    assert not critic_params & {id(p) for g in ppo.optimizer.param_groups for p in g["params"]}

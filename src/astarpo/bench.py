@@ -106,11 +106,12 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
             write_json_atomic(out / "stage1_seconds.json", time.perf_counter() - t0)
         stage1_seconds["astarpo"] = json.loads((out / "stage1_seconds.json").read_text())
     for algo in cfg.algo_names:
+        # Each method with its own coefficients' defaults (objectives.py cites them); A*-PO with the recipe's.
         train = {"algo": algo, "output_dir": str(out / algo), "batch_size": cfg.batch_size,
                  "micro_batch_size": stage2.micro_batch_size, "learning_rate": stage2.learning_rate,
-                 "beta2": stage2.beta2, "save_every": cfg.eval_every, "keep_checkpoints": 1}
+                 "save_every": cfg.eval_every, "keep_checkpoints": 1}
         if algo == "astarpo":
-            train["values"] = str(out / "values.parquet")
+            train.update(values=str(out / "values.parquet"), beta2=stage2.beta2)
         (out / f"{algo}.yaml").write_text(yaml.safe_dump({**shared, "train": train}))
 
     scorer = _Scorer(stage2, cfg.eval_limit)
@@ -139,7 +140,8 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
                     "data": stage2.data, "reward": stage2.reward, "train_prompts": cfg.train_prompts,
                     "batch_size": cfg.batch_size, "group_size": OBJECTIVES["grpo"].group_size, "steps": cfg.steps,
                     "save_every": cfg.eval_every, "max_new_tokens": stage2.max_new_tokens,
-                    "learning_rate": stage2.learning_rate, "beta": stage2.beta2, "beta1": stage2.beta1,
+                    "learning_rate": stage2.learning_rate, "beta1": stage2.beta1,
+                    "beta": stage2.beta2 if name == "trl-a2po" else TrainConfig(algo="grpo").coefficient,
                     "n": stage1.n, "seed": stage2.seed}
             (out / f"{name}.json").write_text(json.dumps(spec, indent=1))
             _run([str(out / f"{name}.json")], out / f"{name}.log", module="astarpo.bench_trl")

@@ -131,9 +131,15 @@ class TrainConfig(CommonConfig):
     values: str | None = field(default=None, metadata={"help": "Stage 1 output (astarpo only; required there)"})
     output_dir: str = "runs/train"
     beta1: float = field(default=0.5, metadata={"help": "V* temperature; inf gives the mean reward (astarpo)"})
-    beta2: float = field(default=1e-3, metadata={
-        "help": "KL coefficient: astarpo's beta2, rebel's 1/eta; the KL penalty weight of grpo/rloo/ppo (0: none, "
-                "and no reference model)"})
+    beta2: float = field(default=1e-3, metadata={"help": "A*-PO's KL coefficient (astarpo only)"})
+    kl_coef: float | None = field(default=None, metadata={
+        "help": "KL coefficient of grpo, rloo and ppo (0: no KL term and no reference model); default per method: "
+                "grpo 0.0 (TRL), rloo 0.05 (TRL), ppo 0.01 (OpenRLHF)"})
+    rebel_eta: float = field(default=1.0, metadata={"help": "rebel's eta: the log-ratio difference is regressed "
+                                                            "onto eta times the reward difference"})
+    critic_learning_rate: float = field(default=9e-6, metadata={"help": "ppo's critic (OpenRLHF's default)"})
+    critic_max_grad_norm: float = field(default=1.0, metadata={"help": "ppo's critic, clipped apart from the "
+                                                                       "policy"})
     group_size: int | None = field(default=None, metadata={
         "help": "responses per prompt for grpo (default 8) and rloo (default 4); astarpo and ppo use 1, rebel 2"})
     clip_eps: float = field(default=0.2, metadata={"help": "ratio clipping of grpo, rloo and ppo"})
@@ -173,6 +179,7 @@ class TrainConfig(CommonConfig):
                 raise ConfigError(f"report_to names {name}, which is not installed: pip install {name}")
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("algo", self.algo, tuple(OBJECTIVES))
+        self._check_method_settings()
         if self.algo != "astarpo" and self.values is not None:
             raise ConfigError(f"values apply only to algo astarpo; {self.algo} does not use a Stage 1 file")
         if self.group_size is not None:
@@ -189,10 +196,11 @@ class TrainConfig(CommonConfig):
             raise ConfigError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if not self.beta1 > 0:
             raise ConfigError(f"beta1 must be > 0 (inf for the mean), got {self.beta1}")
-        if self.algo in ("astarpo", "rebel") and not (self.beta2 > 0 and math.isfinite(self.beta2)):
-            raise ConfigError(f"beta2 must be a positive number, got {self.beta2}")
-        if not (self.beta2 >= 0 and math.isfinite(self.beta2)):
-            raise ConfigError(f"beta2 must be a number >= 0, got {self.beta2}")
+        for name in ("beta2", "rebel_eta", "critic_learning_rate", "critic_max_grad_norm"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if self.kl_coef is not None and not (self.kl_coef >= 0 and math.isfinite(self.kl_coef)):
+            raise ConfigError(f"kl_coef must be a number >= 0, got {self.kl_coef}")
         if self.n is not None and self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
         if self.learning_rate <= 0:
@@ -207,6 +215,26 @@ class TrainConfig(CommonConfig):
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+
+    def _check_method_settings(self) -> None:
+        """Each method owns its coefficients: setting another method's is refused (it would be silently ignored),
+        and kl_coef left unset takes the method's default."""
+        objective = OBJECTIVES[self.algo]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        own = {objective.coefficient} | ({"critic_learning_rate", "critic_max_grad_norm"} if objective.trains_critic
+                                         else set())
+        for name in ("beta2", "kl_coef", "rebel_eta", "critic_learning_rate", "critic_max_grad_norm"):
+            if name not in own and getattr(self, name) != defaults[name]:
+                uses = f"its coefficient is {objective.coefficient}" if objective.coefficient else "it has none"
+                raise ConfigError(f"{name} does not apply to algo {self.algo} ({uses})")
+        if objective.coefficient == "kl_coef" and self.kl_coef is None:
+            self.kl_coef = objective.default
+
+    @property
+    def coefficient(self) -> float:
+        """The method's own coefficient (A*-PO's beta2, the KL weight of grpo/rloo/ppo, rebel's eta)."""
+        name = OBJECTIVES[self.algo].coefficient
+        return getattr(self, name) if name else 0.0
 
     @property
     def report_names(self) -> list[str]:

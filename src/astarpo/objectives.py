@@ -83,15 +83,16 @@ def rloo_loss(logp: Tensor, old_logp: Tensor, mask: Tensor, advantage: Tensor, c
     return clipped_pg(torch.exp(seq_sum(logp - old_logp, mask)), advantage, clip_eps)
 
 
-def rebel_loss(logp: Tensor, old_logp: Tensor, reward: Tensor, eta_inv: float) -> Tensor:
+def rebel_loss(logp: Tensor, old_logp: Tensor, reward: Tensor, eta: float) -> Tensor:
     """REBEL (Gao et al. 2024): for two responses y, y' to one prompt, regress the difference of their
-    log-ratios to the sampling policy onto the difference of their rewards:
+    log-ratios to the sampling policy onto eta times the difference of their rewards:
 
-        ( eta_inv * ( [log pi(y) - log pi_old(y)] - [log pi(y') - log pi_old(y')] ) - (r(y) - r(y')) )^2
+        ( [log pi(y) - log pi_old(y)] - [log pi(y') - log pi_old(y')]  -  eta * (r(y) - r(y')) )^2
 
-    Inputs are [P, 2] (summed log-probs, rewards); returns [P]."""
+    (the form of the authors' code, src/*/rebel.py in ZhaolinGao/REBEL). Inputs are [P, 2] (summed log-probs,
+    rewards); returns [P]."""
     ratio = logp - old_logp
-    return (eta_inv * (ratio[:, 0] - ratio[:, 1]) - (reward[:, 0] - reward[:, 1])) ** 2
+    return ((ratio[:, 0] - ratio[:, 1]) - eta * (reward[:, 0] - reward[:, 1])) ** 2
 
 
 def gae(token_reward: Tensor, values: Tensor, mask: Tensor, lam: float, gamma: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -164,6 +165,8 @@ class Objective:
 
     name = ""
     group_size = 1  # responses sampled per prompt
+    coefficient = ""  # the TrainConfig field that holds this method's own coefficient, handed in as ``beta``
+    default = 0.0  # its default, from the implementation the class docstring cites
     inputs: frozenset[str] = frozenset()
     ratio = False
     trains_critic = False  # a value model trains next to the policy
@@ -191,18 +194,21 @@ class Objective:
 
 
 class AStarPO(Objective):
-    """A*-PO: one sample per prompt, V* from Stage 1, no critic, no clipping, no group."""
+    """A*-PO: one sample per prompt, V* from Stage 1, no critic, no clipping, no group. beta2 = 1e-3 is the
+    paper's (arXiv 2505.20686, and its verl-based code)."""
 
-    name, inputs = "astarpo", frozenset({"v_star", "ref_logp"})
+    name, inputs, coefficient, default = "astarpo", frozenset({"v_star", "ref_logp"}), "beta2", 1e-3
 
     def loss(self, b: Batch) -> Tensor:
         return astarpo_loss(seq_sum(b.logp, b.mask), seq_sum(b.ref_logp, b.mask), b.reward, b.v_star, self.beta)
 
 
 class GRPO(Objective):
-    """GRPO with DeepSeekMath's k3 KL term weighted by ``beta`` (0 drops it and the reference model)."""
+    """GRPO with DeepSeekMath's k3 KL term weighted by ``beta`` (kl_coef). Its default, 0 (no KL term and no
+    reference model), is TRL's (GRPOConfig.beta, trl 1.16; DeepSeekMath used 0.04)."""
 
     name, group_size, ratio, kl_inputs = "grpo", 8, True, frozenset({"ref_logp"})
+    coefficient, default = "kl_coef", 0.0
 
     def prepare(self, b: Batch) -> None:
         b.advantage = grpo_advantages(b.reward, self.group_size)
@@ -213,9 +219,11 @@ class GRPO(Objective):
 
 
 class RLOO(Objective):
-    """RLOO with the sequence-level KL penalty in the reward, r - beta * log(pi_old / pi_ref)."""
+    """RLOO with the sequence-level KL penalty in the reward, r - beta * log(pi_old / pi_ref); beta (kl_coef)
+    defaults to TRL's 0.05 (RLOOConfig.beta, trl 1.16)."""
 
     name, group_size, ratio, kl_inputs = "rloo", 4, True, frozenset({"ref_logp", "old_logp"})
+    coefficient, default = "kl_coef", 0.05
 
     def prepare(self, b: Batch) -> None:
         reward = b.reward
@@ -229,9 +237,11 @@ class RLOO(Objective):
 
 
 class REBEL(Objective):
-    """REBEL on pairs of responses, with ``beta`` in the role of 1/eta (A*-PO's beta2 plays the same part)."""
+    """REBEL on pairs of responses; ``beta`` is its eta (rebel_eta), 1.0 by default as in the authors' code
+    (REBELHParams.eta in ZhaolinGao/REBEL). No KL term: the regression onto the previous policy is REBEL's
+    own trust region."""
 
-    name, group_size, ratio = "rebel", 2, True
+    name, group_size, ratio, coefficient, default = "rebel", 2, True, "rebel_eta", 1.0
 
     def loss(self, b: Batch) -> Tensor:
         pair = lambda x: x.view(-1, 2)  # noqa: E731
@@ -241,9 +251,11 @@ class REBEL(Objective):
 
 class PPO(Objective):
     """PPO with a learned critic, GAE (gamma 1) and the per-token KL penalty -beta * log(pi_old/pi_ref) in the
-    reward, the task reward landing on the last response token. Advantages are whitened over the batch."""
+    reward, the task reward landing on the last response token. Advantages are whitened over the batch.
+    beta (kl_coef) defaults to OpenRLHF's init_kl_coef, 0.01; the critic has its own optimizer, learning rate
+    (critic_learning_rate, OpenRLHF's 9e-6) and gradient clipping, as in OpenRLHF and verl."""
 
-    name, ratio, trains_critic = "ppo", True, True
+    name, ratio, trains_critic, coefficient, default = "ppo", True, True, "kl_coef", 0.01
     inputs, kl_inputs = frozenset({"old_values"}), frozenset({"ref_logp", "old_logp"})
     value_coef = 0.1  # weight of the value loss next to the policy loss (TRL's PPO default)
 

@@ -49,8 +49,9 @@ from .values import check_provenance, load_v_star, read_values, reference_proven
 
 log = logging.getLogger(__name__)
 # Changing these between a run and its resume would make the resumed run a different experiment.
-_RUN_KEYS = ("algo", "group_size", "clip_eps", "gae_lambda",
-             "model", "data", "split", "limit", "reward", "values", "beta1", "beta2", "n", "filter_unsolved",
+_RUN_KEYS = ("algo", "group_size", "clip_eps", "gae_lambda", "kl_coef", "rebel_eta", "critic_learning_rate",
+             "critic_max_grad_norm", "model", "data", "split", "limit", "reward", "values", "beta1", "beta2", "n",
+             "filter_unsolved",
              "learning_rate", "weight_decay", "batch_size", "mini_batch_size", "micro_batch_size", "seed",
              "temperature", "top_p", "max_new_tokens", "dtype", "use_chat_template", "prompt_template",
              "mixed_precision", "lora_rank", "lora_alpha", "lora_target_modules")
@@ -76,7 +77,7 @@ class Trainer:
                                              mixed_precision=cfg.mixed_precision, cpu=cpu_processes())
         set_seed(cfg.seed)
         self.objective = OBJECTIVES[cfg.algo](
-            cfg.beta2, clip_eps=cfg.clip_eps, group_size=cfg.group_size, gae_lambda=cfg.gae_lambda,
+            cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size, gae_lambda=cfg.gae_lambda,
             all_sum=lambda t: acc.reduce(t.to(acc.device), "sum").cpu() if acc.num_processes > 1 else t)
         self.model_dir = resolve_model(cfg.model)
         self.ref_hash = content_hash(self.model_dir)
@@ -138,16 +139,17 @@ class Trainer:
         elif "ref_logp" in obj.inputs:
             self.ref = load_model(self.model_dir, cfg.dtype, cfg.trust_remote_code).requires_grad_(False).eval()
             self.ref.to(acc.device)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        self.critic = None
-        if obj.trains_critic:
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay)
+        self.critic = self.critic_optimizer = None
+        if obj.trains_critic:  # its own optimizer, learning rate and clipping
             critic = ValueModel(self.model_dir, cfg.dtype, cfg.trust_remote_code)
             if cfg.gradient_checkpointing:
                 critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            params += list(critic.parameters())
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        if obj.trains_critic:
-            self.policy, self.critic, self.optimizer = acc.prepare(policy, critic, optimizer)
+            critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate,
+                                                 weight_decay=cfg.weight_decay)
+            self.policy, self.critic, self.optimizer, self.critic_optimizer = acc.prepare(
+                policy, critic, optimizer, critic_optimizer)
         else:
             self.policy, self.optimizer = acc.prepare(policy, optimizer)
         acc.register_save_state_pre_hook(self._save_model_hook)
@@ -210,6 +212,7 @@ class Trainer:
         if counts.sum() == 0:
             raise TrainError("the reward failed for every sample of this step")
         models = [m for m in (self.policy, self.critic) if m is not None]
+        optimizers = [o for o in (self.optimizer, self.critic_optimizer) if o is not None]
         for model in models:
             model.train()
         losses, sampled_logp, grad_norms = torch.zeros(len(valid)), torch.zeros(len(roll)), []
@@ -218,7 +221,8 @@ class Trainer:
             if count == 0:
                 continue  # every process sees the same count, so all skip this update together
             micros = [prompts[u : u + per_micro] for u in range(0, len(prompts), per_micro)]
-            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             for u, sub in enumerate(micros):
                 rows = [j * G + s for j in sub for s in range(G)]
                 batch = collate(roll.select(rows), self.tokenizer.pad_token_id, acc.device)
@@ -235,9 +239,11 @@ class Trainer:
                     acc.backward(loss.sum() * acc.num_processes / count)
                 sampled_logp[rows] = (mb.old_logp * mb.mask).sum(-1)
                 losses[sub] = loss.detach()
-            params = [p for model in models for p in model.parameters()]
-            grad_norms.append(float(acc.clip_grad_norm_(params, cfg.max_grad_norm)))
-            self.optimizer.step()
+            grad_norms.append(float(acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)))
+            if self.critic is not None:
+                acc.clip_grad_norm_(self.critic.parameters(), cfg.critic_max_grad_norm)
+            for optimizer in optimizers:
+                optimizer.step()
         return losses, sampled_logp, sum(grad_norms) / len(grad_norms)
 
     def _metrics(self, roll: Rollout, data: Batch, valid: torch.Tensor, losses: torch.Tensor,
