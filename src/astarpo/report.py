@@ -199,9 +199,10 @@ def markdown(rows: list[Row], sources: list[str], plots: list[str]) -> str:
     paper = [n for n in names if n in BENCHMARKS]  # the Average is over the named benchmarks only
     head = ["run", "method", *[n + bench_title for n in names]] + (["Average"] if len(paper) > 1 else [])
     head += ["held-out acc", "KL to ref", "Stage 1 (h)", "Stage 2 (h)", "s/step", "steps", "peak memory (GB)"]
-    lines = ["# astarpo report", "", "Accuracies in percent (greedy pass@1; avg@k over k samples at the eval "
-             "temperature). KL to ref: measured by `astarpo eval` when given, else the last training step's "
-             "estimate. Hours are summed step times (Stage 2) and the values file's recorded time (Stage 1).", "",
+    intro = ("Accuracies in percent (greedy pass@1; avg@k over k samples at the eval temperature). KL to ref: "
+             "measured on sampled responses by `astarpo eval` or `astarpo bench` where given, else the last training "
+             "step's estimate. Hours are summed step times (Stage 2) and the values file's recorded time (Stage 1).")
+    lines = ["# astarpo report", "", intro, "",
              "Read from:", "", *[f"- {line}" for line in sources], "",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
