@@ -78,7 +78,7 @@ def _eval_summary(result: dict, output: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="astarpo: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub"):
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "accelerate"):  # accelerate: a line per file saved
         logging.getLogger(noisy).setLevel(logging.WARNING)
     command = args.pop("command")
     try:
