@@ -1,21 +1,30 @@
-"""Benchmark registry: data folder resolution, record format, and the published files graded by their rewards."""
+"""Benchmark registry: data folder resolution, record format, the packaged files (checksums) graded by their
+rewards."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from astarpo.benchmarks import BENCHMARKS, DATA_DIR_ENV, get_benchmark, load_benchmark, resolve_data_dir
+from astarpo.benchmarks import (
+    BENCHMARKS,
+    DATA_DIR_ENV,
+    PACKAGED_DATA,
+    get_benchmark,
+    load_benchmark,
+    resolve_data_dir,
+)
+from astarpo.config import ConfigError, EvalConfig
 from astarpo.data import DataError
 from astarpo.rewards.gsm8k import grade_gsm8k_batch
 from astarpo.rewards.math import grade_math_batch
 from astarpo.rewards.timeout import close_pools
 
 SHARED_DATA = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no benchmark data at {SHARED_DATA}")
 
 README_ROWS = {"gsm8k": 1319, "math500": 500, "minerva_math": 272, "olympiadbench": 675, "amc23": 40, "aime24": 30}
 
@@ -51,21 +60,24 @@ def test_unknown_name_lists_the_known_ones():
         load_benchmark("nope")
 
 
+def test_all_means_the_six():
+    assert EvalConfig(benchmarks="all").benchmark_names == list(BENCHMARKS)
+    assert EvalConfig(benchmarks="aime24, gsm8k").benchmark_names == ["aime24", "gsm8k"]
+    with pytest.raises(ConfigError, match="lists a name twice"):
+        EvalConfig(benchmarks="all,gsm8k")
+
+
 def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     (tmp_path / "shared" / "data").mkdir(parents=True)
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path / "repo")
-    assert resolve_data_dir().resolve() == (tmp_path / "shared" / "data").resolve()  # ../shared/data by default
+    assert resolve_data_dir() == PACKAGED_DATA  # the packaged copy by default, wherever the working directory is
     assert resolve_data_dir(tmp_path) == tmp_path  # explicit argument first
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "repo"))
     assert resolve_data_dir() == tmp_path / "repo"  # then the environment variable
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "missing"))
     with pytest.raises(DataError, match=DATA_DIR_ENV):
-        resolve_data_dir()
-    monkeypatch.delenv(DATA_DIR_ENV)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match="does not exist"):
         resolve_data_dir()
 
 
@@ -86,10 +98,23 @@ def test_load_from_a_small_folder(tmp_path):
         load_benchmark("aime24", data_dir=tmp_path)
 
 
-@needs_data
+def test_packaged_files_match_their_checksums():
+    sums = (PACKAGED_DATA / "SHA256SUMS").read_text().splitlines()
+    listed = {}
+    for line in sums:
+        digest, relpath = line.split("  ")
+        listed[relpath] = digest
+    assert sorted(listed) == sorted(b.relpath for b in BENCHMARKS.values())
+    for relpath, digest in listed.items():
+        assert hashlib.sha256((PACKAGED_DATA / relpath).read_bytes()).hexdigest() == digest, relpath
+    assert all(name in (PACKAGED_DATA / "README.md").read_text() for name in BENCHMARKS)
+    if (SHARED_DATA / "SHA256SUMS").is_file():  # verbatim copies of the project's normalised data
+        assert set(sums) <= set((SHARED_DATA / "SHA256SUMS").read_text().splitlines())
+
+
 @pytest.mark.parametrize("name", sorted(README_ROWS))
 def test_published_files(name):
-    records = load_benchmark(name, data_dir=SHARED_DATA)
+    records = load_benchmark(name, data_dir=PACKAGED_DATA)
     assert len(records) == README_ROWS[name]
     assert len({r["id"] for r in records}) == len(records)
     for r in records:
@@ -98,15 +123,14 @@ def test_published_files(name):
         assert r["source"] == name
         assert "solution" not in r and "solutions" not in r and "problem" not in r
     assert all(("####" if name == "gsm8k" else "\\boxed{}") in r["prompt"] for r in records)
-    assert load_benchmark(name, data_dir=SHARED_DATA, limit=3) == records[:3]
+    assert load_benchmark(name, data_dir=PACKAGED_DATA, limit=3) == records[:3]
 
 
 def _raw_rows(name: str, n: int) -> list[dict]:
-    with (SHARED_DATA / name / "test.jsonl").open(encoding="utf-8") as f:
+    with (PACKAGED_DATA / name / "test.jsonl").open(encoding="utf-8") as f:
         return [json.loads(line) for line, _ in zip(f, range(n))]
 
 
-@needs_data
 def test_reference_solutions_grade_correct():
     math_rows = _raw_rows("math500", 50)
     assert grade_math_batch([r["solution"] for r in math_rows], [r["answer"] for r in math_rows]) == [1.0] * 50

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import GenerationConfig
 
@@ -126,3 +128,22 @@ def test_a_second_engine_plugs_into_stage2(tiny_model, tmp_path):
     trainer.train()
     assert engine.loads == 2  # one weight push per step
     assert all(torch.equal(a, b) for a, b in zip(engine.model.state_dict().values(), policy.state_dict().values()))
+
+
+def test_sampling_emits_no_library_warnings(tiny_model, recwarn, caplog):
+    """transformers 5.2x warns on every call that passes the KV cache under its old name (`past_key_values`); a
+    long sampling run must not repeat library warnings, through `warnings` or through transformers' logger."""
+    tok, model, prompts = _setup(tiny_model)
+    eos = eos_ids(model, tok)
+    transformers_log = logging.getLogger("transformers")  # does not propagate to the root logger
+    transformers_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for shared in (True, False):
+                sample(model, tok, prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=4, eos=eos, batch_size=8,
+                       shared_prefill=shared)
+            sample(model, tok, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4, eos=eos, batch_size=8)
+    finally:
+        transformers_log.removeHandler(caplog.handler)
+    assert [f"{w.category.__name__}: {w.message}" for w in recwarn] == []
+    assert [r.getMessage() for r in caplog.records] == []

@@ -1,7 +1,8 @@
 """The evaluation benchmarks: where each one's data lives, how to prompt for it, and which reward grades it.
 
 Files are the normalised copies described in the data folder's README: ``<data_dir>/<name>/test.jsonl``, one JSON
-object per line with ``id``, ``problem``, ``answer``, ``solution``, ``source`` and per-file metadata.
+object per line with ``id``, ``problem``, ``answer``, ``solution``, ``source`` and per-file metadata. The six test
+sets ship inside the package (``PACKAGED_DATA``, about 4 MB), so evaluation works after ``pip install`` offline.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .data import DataError, load_records
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "ASTARPO_DATA_DIR"
+PACKAGED_DATA = Path(__file__).with_name("benchmark_data")  # README.md and SHA256SUMS beside the files
 _SOLUTION_COLUMNS = ("solution", "solutions")  # reference solutions (olympiadbench keeps all in "solutions")
 
 GSM8K_TEMPLATE = ("{problem}\n\nSolve the problem step by step. On the last line, write the final answer as "
@@ -52,6 +54,12 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
 ]}
 
 
+def benchmark_names(spec: str) -> list[str]:
+    """A comma list of benchmark names in the given order; ``all`` stands for the six, in the paper's order."""
+    names = [x.strip() for x in spec.split(",") if x.strip()]
+    return [b for name in names for b in (BENCHMARKS if name == "all" else [name])]
+
+
 def get_benchmark(name: str) -> Benchmark:
     """The benchmark called ``name``; KeyError naming the known ones otherwise."""
     if name not in BENCHMARKS:
@@ -60,13 +68,13 @@ def get_benchmark(name: str) -> Benchmark:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data folder: ``data_dir``, else ``$ASTARPO_DATA_DIR``, else ``../shared/data`` from the working directory."""
+    """The data folder: ``data_dir``, else ``$ASTARPO_DATA_DIR``, else the copy shipped with the package."""
     if data_dir is not None:
         path, origin = Path(data_dir), "data_dir argument"
     elif os.environ.get(DATA_DIR_ENV):
         path, origin = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
     else:
-        path, origin = Path.cwd().parent / "shared" / "data", "default ../shared/data"
+        path, origin = PACKAGED_DATA, "the copy shipped with astarpo; reinstall the package"
     if not path.is_dir():
         raise DataError(f"benchmark data folder {path} ({origin}) does not exist; pass data_dir or set "
                         f"{DATA_DIR_ENV} to the folder holding <benchmark>/test.jsonl")

@@ -1,4 +1,5 @@
-"""`astarpo values | train | eval | bench | quickstart`: every config field is a flag; --config FILE.yaml sets many."""
+"""`astarpo values | train | eval | bench | report | quickstart`: every config field is a flag; --config FILE.yaml
+sets many. Each command ends with a one-line summary on stderr; stdout keeps its result (path, JSON or table)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 import logging
 import sys
 import typing
+from pathlib import Path
 
 from .bench import BenchError
 from .config import BenchConfig, ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
 from .data import DataError
+from .report import ReportError
 from .rewards import RewardError
 from .rundir import OutputError
 from .trainer import TrainError
@@ -25,8 +28,9 @@ COMMANDS = {
                            "accuracy and KL side by side"),
 }
 # One-line errors for what the user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (BenchError, ConfigError, DataError, OutputError, RewardError, TrainError, ValuesError,
+USER_ERRORS = (BenchError, ConfigError, DataError, OutputError, ReportError, RewardError, TrainError, ValuesError,
                FileNotFoundError, KeyError)
+log = logging.getLogger("astarpo")
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -51,16 +55,38 @@ def parser() -> argparse.ArgumentParser:
         _add_fields(sp, cls)
     qs = sub.add_parser("quickstart", help="the whole pipeline on the built-in default model and task")
     qs.add_argument("--output-dir", default="runs/quickstart")
+    help_text = ("Markdown table (pass@1 per benchmark, KL, hours, memory) and plots from train runs, eval results "
+                 "and bench results")
+    rp = sub.add_parser("report", help=help_text, description=help_text)
+    rp.add_argument("paths", nargs="+", metavar="RUN_OR_RESULT", help="train run directory (finished, running or "
+                    "stopped), eval result JSON, or bench.json (or its folder)")
+    rp.add_argument("--output-dir", default="runs/report", help="where report.md and the PNGs go")
     return p
+
+
+def _eval_summary(result: dict, output: str) -> str:
+    if "benchmarks" in result:
+        seconds = sum(r["seconds"] for r in result["benchmarks"].values())
+        return (f"eval: average pass@1 {100 * result['average']:.1f}% over {len(result['benchmarks'])} "
+                f"benchmark(s), {seconds:.0f} s -> {output}")
+    extra = "".join(f", {name} {fmt.format(result[key])}" for name, key, fmt in (
+        (f"avg@{result['k']}", "avg_at_k", "{:.1%}"), ("KL to ref", "kl_to_ref", "{:.3f}")) if key in result)
+    return (f"eval: pass@1 {100 * result['accuracy']:.1f}% on {result['prompts']} prompts{extra}, "
+            f"{result['seconds']:.0f} s -> {output}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="astarpo: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub"):
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "accelerate"):  # accelerate: a line per file saved
         logging.getLogger(noisy).setLevel(logging.WARNING)
     command = args.pop("command")
     try:
+        if command == "report":
+            from .report import report
+
+            print(report(args["paths"], args["output_dir"]))
+            return 0
         if command == "quickstart":
             from .quickstart import quickstart
 
@@ -75,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
             out = compute_values(cfg)
             if PartialState().is_main_process:  # one line under a multi-process launch, not one per process
-                print(out)
+                print(out)  # compute_values has logged its one-line summary
         elif command == "train":
             from .trainer import Trainer
 
@@ -83,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             metrics = trainer.train()
             if trainer.accelerator.is_main_process:
                 print(json.dumps(metrics))
+                from .report import run_row, summary
+
+                log.info("stage 2: %s -> %s", summary(run_row(Path(cfg.output_dir))), Path(cfg.output_dir) / "final")
         elif command == "bench":
             from .bench import bench, markdown
 
@@ -95,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(markdown_table(result), end="")
             else:
                 print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+            log.info(_eval_summary(result, cfg.output))
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"astarpo: error: {msg}", file=sys.stderr)

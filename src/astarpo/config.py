@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .benchmarks import BENCHMARKS
+from .benchmarks import BENCHMARKS, benchmark_names
 from .models import DEFAULT_MODEL
 from .objectives import OBJECTIVES
 
@@ -253,10 +253,11 @@ class EvalConfig(CommonConfig):
     reference: str | None = field(default=None, metadata={"help": "model to measure KL against (default: the "
                                                                    "reference recorded in a checkpoint)"})
     benchmarks: str | None = field(default=None, metadata={
-        "help": "comma list of named benchmarks (e.g. gsm8k,math500); each brings its own prompt template and "
-                "reward, so data/split/reward do not apply"})
+        "help": "comma list of named benchmarks (e.g. gsm8k,math500; all: the six); each brings its own prompt "
+                "template and reward, so data/split/reward do not apply"})
     data_dir: str | None = field(default=None, metadata={"help": "folder holding <benchmark>/test.jsonl (default: "
-                                                                 "$ASTARPO_DATA_DIR, else ../shared/data)"})
+                                                                 "$ASTARPO_DATA_DIR, else the copy shipped with "
+                                                                 "astarpo)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -270,7 +271,7 @@ class EvalConfig(CommonConfig):
         unknown = [b for b in names if b not in BENCHMARKS]
         if unknown or not names:
             raise ConfigError(f"unknown benchmark(s) {', '.join(unknown) or repr(self.benchmarks)}; "
-                              f"known: {', '.join(BENCHMARKS)}")
+                              f"known: {', '.join(BENCHMARKS)}, or all")
         if len(set(names)) < len(names):
             raise ConfigError(f"benchmarks lists a name twice: {self.benchmarks}")
         # Each benchmark fixes its own prompts and reward: a changed data setting would be silently ignored.
@@ -285,8 +286,8 @@ class EvalConfig(CommonConfig):
 
     @property
     def benchmark_names(self) -> list[str]:
-        """``benchmarks`` as a list, in the given order (the order of the table rows)."""
-        return _comma_list(self.benchmarks)
+        """``benchmarks`` as a list, in the given order (the order of the table rows); ``all`` is the six."""
+        return benchmark_names(self.benchmarks or "")
 
 
 @dataclass

@@ -1,7 +1,13 @@
-"""Prompt sets: load from a built-in task, jsonl, parquet or a Hugging Face dataset; normalize; tokenize.
+"""Prompt sets: load from a built-in task, a named training set, jsonl, parquet or a Hugging Face dataset;
+normalize; tokenize.
 
 Every record leaves here as ``{"id": str, "prompt": str, "answer": str, **extra_columns}``; the extra columns
 are handed to the reward function untouched (TRL's convention).
+
+The named training sets ``gsm8k`` and ``math`` come from public Hugging Face datasets (cached by ``datasets``, so
+``HF_DATASETS_OFFLINE=1`` works once they are) and are reshaped to the columns of the packaged benchmark files
+(``id``, ``problem``, ``answer``, ``solution``, ``source``, ...): ``--data gsm8k`` and a local copy in that format
+(``--data train.jsonl --prompt-column problem``) give the same prompts and answers.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ def load_records(
 ) -> list[dict[str, Any]]:
     """Load and validate a prompt set; ``prompt_template`` wraps each prompt (e.g. adds an answer-format line).
 
-    ``data`` is a built-in task name (``arithmetic``), a ``.jsonl``/``.json``/``.parquet`` file, or a Hugging
-    Face dataset name (read with ``datasets.load_dataset(data, split=split)``).
+    ``data`` is a built-in task name (``arithmetic``), a named training set (``gsm8k``, ``math``; their
+    ``problem`` column is the prompt), a ``.jsonl``/``.json``/``.parquet`` file, or a Hugging Face dataset name
+    (read with ``datasets.load_dataset(data, split=split)``).
     """
     from .tasks import TASKS
 
@@ -38,6 +45,9 @@ def load_records(
         if split not in splits:
             raise DataError(f"task {data!r} has splits {sorted(splits)}, not {split!r}")
         rows = splits[split]
+    elif data in TRAINING_SETS:
+        rows = TRAINING_SETS[data](split)
+        prompt_column = "problem" if prompt_column == "prompt" else prompt_column
     elif data.endswith((".jsonl", ".json")):
         rows = _read_jsonl(Path(data))
     elif data.endswith(".parquet"):
@@ -61,6 +71,83 @@ def load_records(
     for rec in records:
         rec["prompt"] = prompt_template.replace("{prompt}", rec["prompt"])
     return records
+
+
+def gsm8k_records(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """GSM8K rows as published (``question``, ``answer`` = worked solution ending in ``#### N``) in the packaged
+    format: ``answer`` is the text after ``####`` with thousands commas removed, the full text is ``solution``."""
+    out = []
+    for i, row in enumerate(rows):
+        solution = row["answer"]
+        if "####" not in solution:
+            raise DataError(f"gsm8k {split} row {i}: no '####' final-answer line in {solution[-80:]!r}")
+        out.append({"id": f"gsm8k/{split}/{i}", "problem": row["question"],
+                    "answer": solution.split("####")[-1].strip().replace(",", ""), "solution": solution,
+                    "source": "gsm8k", "orig_index": i})
+    return out
+
+
+def math_records(train_rows: list[dict[str, Any]], test_rows: list[dict[str, Any]],
+                 exclude_problems: set[str]) -> list[dict[str, Any]]:
+    """PRM800K's MATH training split (the paper's MATH train set) from MATH as published (``problem``, ``level``
+    "Level N", ``type``, ``solution``): every train and test problem but the held-out MATH500 ones (12,000).
+
+    ``answer`` is the content of the solution's last ``\\boxed{}``, the rule that gives MATH500's official
+    answers; the two rows whose last box is empty have no answer and are dropped.
+    """
+    from .rewards.math import last_boxed
+
+    out = []
+    for orig_split, rows in (("train", train_rows), ("test", test_rows)):
+        for i, row in enumerate(rows):
+            if row["problem"] in exclude_problems:
+                continue
+            answer = (last_boxed(row["solution"]) or "").strip()
+            if not answer:
+                log.info("math: dropped %s row %d (no answer in its solution's last \\boxed{})", orig_split, i)
+                continue
+            level = row["level"].removeprefix("Level ").strip()
+            out.append({"id": f"math/{orig_split}/{i}", "problem": row["problem"], "answer": answer,
+                        "solution": row["solution"], "source": "math", "subject": row["type"],
+                        "level": int(level) if level.isdigit() else None, "orig_split": orig_split})
+    return out
+
+
+def _hub_rows(path: str, name: str | None, split: str, what: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(path, name, split=split))
+    except Exception as e:  # no network, no cache, hub errors: many types
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise DataError(f"{what} comes from the Hugging Face dataset {path} and could not be loaded ({reason}); "
+                        "connect once (it is then cached, and HF_DATASETS_OFFLINE=1 reads the cache), or pass a "
+                        "local .jsonl/.parquet copy with columns id, problem, answer: --data FILE --prompt-column "
+                        "problem") from e
+
+
+def _gsm8k(split: str) -> list[dict[str, Any]]:
+    if split not in ("train", "test"):
+        raise DataError(f"gsm8k has splits train and test, not {split!r}")
+    return gsm8k_records(_hub_rows("openai/gsm8k", "main", split, f"gsm8k ({split})"), split)
+
+
+def _math(split: str) -> list[dict[str, Any]]:
+    if split != "train":
+        raise DataError(f"math has the split train only, not {split!r}; its test set is the math500 benchmark "
+                        "(astarpo eval --benchmarks math500)")
+    from .benchmarks import PACKAGED_DATA
+
+    rows = {s: _hub_rows("DigitalLearningGmbH/MATH-lighteval", "default", s, f"math ({s})") for s in ("train", "test")}
+    math500 = {r["problem"] for r in _read_jsonl(PACKAGED_DATA / "math500" / "test.jsonl")}
+    records = math_records(rows["train"], rows["test"], math500)
+    if len(records) != 11998:  # 7,500 + 5,000 - 500 (MATH500) - 2 (empty box)
+        log.warning("math: %d rows from %d train and %d test problems, expected 11998; another version of MATH?",
+                    len(records), len(rows["train"]), len(rows["test"]))
+    return records
+
+
+TRAINING_SETS = {"gsm8k": _gsm8k, "math": _math}  # name -> split -> rows in the packaged benchmark format
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

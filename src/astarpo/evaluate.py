@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from . import rewards
 from .benchmarks import get_benchmark, load_benchmark
@@ -30,23 +32,32 @@ log = logging.getLogger(__name__)
 def evaluate(model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
              reward_fn: rewards.RewardFn, *, k: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              max_new_tokens: int = 256, batch_size: int = 64, ref_model: Any = None,
-             on_reward_error: str = "raise", micro_batch_size: int = 8) -> dict[str, Any]:
-    """Score ``model`` on tokenized prompts. Returns accuracy figures and per-prompt samples."""
+             on_reward_error: str = "raise", micro_batch_size: int = 8, progress: str | None = "eval"
+             ) -> dict[str, Any]:
+    """Score ``model`` on tokenized prompts. Returns accuracy figures and per-prompt samples.
+
+    ``progress`` labels a progress bar over the sampled sequences (rate and time left), ``None`` for none; only
+    rank 0 of a multi-process launch shows it.
+    """
     sampler = HFSampler(model, tokenizer, eos_ids(model, tokenizer), batch_size)
     start = time.perf_counter()
+    draws = k if k > 1 else int(ref_model is not None)  # sampled sequences per prompt after the greedy one
+    bar = tqdm(total=len(records) * (1 + draws), desc=progress, unit="seq", dynamic_ncols=True, leave=False,
+               disable=progress is None or int(os.environ.get("RANK", "0")) != 0)
     greedy = collect(sampler, records, prompt_ids, 1, SamplingParams(0.0, 1.0, max_new_tokens), reward_fn,
-                     on_reward_error)
+                     on_reward_error, progress=bar.update)
     g = torch.tensor(greedy.rewards, dtype=torch.float64)
     result: dict[str, Any] = {"prompts": len(records), "accuracy": _nanmean(g), "k": k,
                               "mean_response_tokens": sum(greedy.lengths) / len(greedy)}
     params = SamplingParams(temperature, top_p, max_new_tokens)
     if k > 1:
-        sampled = collect(sampler, records, prompt_ids, k, params, reward_fn, on_reward_error)
+        sampled = collect(sampler, records, prompt_ids, k, params, reward_fn, on_reward_error, progress=bar.update)
         s = torch.tensor(sampled.rewards, dtype=torch.float64).view(len(records), k)
         result["avg_at_k"] = _nanmean(s)
         result["pass_at_k"] = float((s > 0).any(-1).double().mean())
     elif ref_model is not None:
-        sampled = sampler.generate(prompt_ids, 1, params)  # the KL needs samples from the model, not rewards
+        sampled = sampler.generate(prompt_ids, 1, params, bar.update)  # the KL needs samples, not rewards
+    bar.close()
     if ref_model is not None:
         pad = tokenizer.pad_token_id
         log_ratio = (sequence_logprobs(model, sampled, pad, micro_batch_size)
@@ -125,7 +136,8 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             bench = get_benchmark(name)
             records, prompt_ids, skipped = prompts[name]
             log.info("%s: %d prompts", name, len(records))
-            result = _evaluate(cfg, model, tokenizer, records, prompt_ids, rewards.get(bench.reward), ref_model)
+            result = _evaluate(cfg, model, tokenizer, records, prompt_ids, rewards.get(bench.reward), ref_model,
+                               progress=name)
             done[name] = {"reward": bench.reward, "skipped": skipped, **result}
             write_json_atomic(parts / f"{name}.json", {"settings": settings, "result": done[name]})
             log.info("%s: pass@1 %.1f%% (%.0f s)", name, 100 * result["accuracy"], result["seconds"])
@@ -183,9 +195,9 @@ def _load_models(cfg: EvalConfig, model_dir: Path, reference: str | None) -> tup
 
 
 def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
-              reward_fn: rewards.RewardFn, ref_model: Any) -> dict[str, Any]:
+              reward_fn: rewards.RewardFn, ref_model: Any, progress: str = "eval") -> dict[str, Any]:
     """``evaluate`` with the config's settings, seeded here so a result does not depend on what ran before."""
     torch.manual_seed(cfg.seed)
     return evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=cfg.k, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
-                    ref_model=ref_model, on_reward_error=cfg.on_reward_error)
+                    ref_model=ref_model, on_reward_error=cfg.on_reward_error, progress=progress)

@@ -13,6 +13,8 @@ A response is the generated tokens up to and including the first EOS; anything g
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -142,6 +144,16 @@ def _trim(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
     return tokens, True
 
 
+@functools.cache
+def _cache_kwarg() -> str:
+    """The name transformers gives the KV-cache argument of forward() and generate(): ``cache`` since 5.2x, where
+    the old ``past_key_values`` still works but warns on every call; ``past_key_values`` before."""
+    from transformers.generation.utils import GenerationMixin
+
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _generate_shared_prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
                              gen_config: Any) -> torch.Tensor:
     """generate() with ``num_return_sequences=n``, but each prompt is prefilled once, not ``n`` times.
@@ -156,13 +168,13 @@ def _generate_shared_prefill(model: Any, input_ids: torch.Tensor, attention_mask
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
+          use_cache=True, logits_to_keep=1, **{_cache_kwarg(): cache})
     cache.batch_repeat_interleave(n)
     gen_config = copy.copy(gen_config)
     gen_config.num_return_sequences = 1
     return model.generate(input_ids=input_ids.repeat_interleave(n, dim=0),
-                          attention_mask=attention_mask.repeat_interleave(n, dim=0), past_key_values=cache,
-                          generation_config=gen_config)
+                          attention_mask=attention_mask.repeat_interleave(n, dim=0), generation_config=gen_config,
+                          **{_cache_kwarg(): cache})
 
 
 @torch.no_grad()

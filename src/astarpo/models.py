@@ -72,13 +72,23 @@ def _builtin_model(name: str) -> Path:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> Path:
-    """De-quantize a GGUF file into a plain, trainable Hugging Face directory (written atomically)."""
+    """De-quantize a GGUF file into a plain, trainable Hugging Face directory (written atomically).
+
+    A minute or more on a CPU, once: a bar names the phase (tokenizer, weights, save) and the time spent so far.
+    """
     if (target / "config.json").is_file():
         return target
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    bar = tqdm(total=3, desc=f"converting {gguf.name}", unit="phase", dynamic_ncols=True)
+    bar.set_postfix_str("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    bar.update()
+    bar.set_postfix_str("weights")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    bar.update()
+    bar.set_postfix_str("save")
     # transformers marks GGUF-loaded models as quantized and refuses to train them; the weights are plain
     # float32 after de-quantization, so drop the marker before saving.
     if hasattr(model.config, "quantization_config"):
@@ -91,8 +101,10 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+        bar.update()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        bar.close()
     return target
 
 
