@@ -71,6 +71,23 @@ class CommonConfig:
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
+def _check_on_policy(cfg: CommonConfig) -> None:
+    """Stage 1 and Stage 2 sample from the policy itself: temperature 1, no top-p cut (the paper's setting).
+
+    Training regresses log-probs of the model's logits at temperature 1 (``generation.response_logprobs``), and
+    V* is the value of the reference policy at temperature 1; samples drawn at another temperature or from a
+    nucleus come from another distribution, so the regression target and V* would both be off. Refusing is
+    simpler and safer than rescaling the log-probs. Greedy (temperature 0) stays allowed as a deterministic mode
+    for checks such as the multi-process test, knowingly not on-policy. Evaluation takes any temperature.
+    """
+    if cfg.temperature not in (0.0, 1.0):
+        raise ConfigError(f"temperature must be 1 for Stage 1 and training (the log-probs A*-PO regresses are at "
+                          f"temperature 1), got {cfg.temperature}; other temperatures apply to eval only")
+    if cfg.temperature != 0 and cfg.top_p != 1:
+        raise ConfigError(f"top_p must be 1 for Stage 1 and training (a nucleus cut samples from another "
+                          f"distribution than the policy whose log-probs are regressed), got {cfg.top_p}")
+
+
 @dataclass
 class ValuesConfig(CommonConfig):
     """Stage 1: N reference samples per prompt, every reward stored."""
@@ -98,6 +115,7 @@ class ValuesConfig(CommonConfig):
             self._check_adaptive()
         if self.temperature == 0 and self.n > 1 and not self.adaptive:
             raise ConfigError("temperature 0 (greedy) gives the same response N times; V* needs sampling")
+        _check_on_policy(self)
         if self.shard_size < 1:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
 
@@ -165,6 +183,7 @@ class TrainConfig(CommonConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_on_policy(self)
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("algo", self.algo, tuple(OBJECTIVES))
         if self.algo != "astarpo" and self.values is not None:
