@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from . import __version__, rewards
 from .config import ValuesConfig
 from .data import encode_prompts, load_records
-from .generation import sample
+from .generation import sample, sampling_settings
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,9 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "data": cfg.data, "split": cfg.split,
         "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens, "use_chat_template": cfg.use_chat_template,
         "prompt_template": cfg.prompt_template, "shard_size": cfg.shard_size,
+        # every generate() setting that decides the tokens (top_k 0, no repetition penalty, ...) and the weights'
+        # dtype: what the samples were drawn with, beyond the keys a training run checks (SAMPLING_KEYS)
+        "sampler": sampling_settings(cfg.temperature, cfg.top_p), "dtype": cfg.dtype,
     }
     if cfg.adaptive:  # only then, so that files from fixed-N runs keep matching their settings
         provenance.update(n=None, adaptive=True, round_size=cfg.round_size, n_max=cfg.n_max, beta1=cfg.beta1,
