@@ -238,14 +238,17 @@ class EvalConfig(CommonConfig):
                 "reward, so data/split/reward do not apply"})
     data_dir: str | None = field(default=None, metadata={"help": "folder holding <benchmark>/test.jsonl (default: "
                                                                  "$ASTARPO_DATA_DIR, else ../shared/data)"})
+    benchmark_k: str | None = field(default=None, metadata={
+        "help": "comma list name=k giving some benchmarks their own k, e.g. amc23=32 (the paper reports AMC23, 40 "
+                "problems, as avg@32)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
         if self.benchmarks is None:
-            if self.data_dir is not None:
-                raise ConfigError("data_dir applies only with benchmarks")
+            if self.data_dir is not None or self.benchmark_k is not None:
+                raise ConfigError("data_dir and benchmark_k apply only with benchmarks")
             return
         names = self.benchmark_names
         unknown = [b for b in names if b not in BENCHMARKS]
@@ -263,6 +266,23 @@ class EvalConfig(CommonConfig):
                               "own data and reward); drop it or drop benchmarks")
         if self.output.endswith(".md"):
             raise ConfigError("output is the JSON file; the Markdown table is written beside it as .md")
+        self.k_for(names[0])  # a malformed benchmark_k fails here, before any work
+        other = sorted(set(self._benchmark_k()) - set(names))
+        if other:
+            raise ConfigError(f"benchmark_k names {', '.join(other)}, which benchmarks does not list")
+
+    def _benchmark_k(self) -> dict[str, int]:
+        out = {}
+        for item in _comma_list(self.benchmark_k):
+            name, _, k = item.partition("=")
+            if not k.strip().isdigit() or int(k) < 1:
+                raise ConfigError(f"benchmark_k must be a comma list of name=k with k >= 1, got {item!r}")
+            out[name.strip()] = int(k)
+        return out
+
+    def k_for(self, name: str) -> int:
+        """Samples per prompt for benchmark ``name``: its entry in ``benchmark_k``, else ``k``."""
+        return self._benchmark_k().get(name, self.k)
 
     @property
     def benchmark_names(self) -> list[str]:
