@@ -23,6 +23,9 @@ def test_yaml_then_overrides(tmp_path):
     (ValuesConfig, {"n": 0}, "n must be >= 1"),
     (ValuesConfig, {"temperature": 0}, "V\\* needs sampling"),
     (ValuesConfig, {"top_p": 1.5}, "top_p must be in"),
+    (ValuesConfig, {"temperature": 0.7}, "temperature must be 1 for Stage 1 and training"),
+    (TrainConfig, {"temperature": 1.2}, "temperature must be 1 for Stage 1 and training"),
+    (TrainConfig, {"top_p": 0.9}, "top_p must be 1 for Stage 1 and training"),
     (ValuesConfig, {"on_reward_error": "ignore"}, "on_reward_error must be one of raise, skip"),
     (ValuesConfig, {"n": "eight"}, "n must be int, got 'eight'"),
     (ValuesConfig, {"nn": 3}, "unknown setting\\(s\\) nn for ValuesConfig"),
@@ -30,6 +33,11 @@ def test_yaml_then_overrides(tmp_path):
 def test_out_of_range_settings(cls, settings, message):
     with pytest.raises(ConfigError, match=message):
         build(cls, None, **settings)
+
+
+def test_eval_takes_any_temperature_and_top_p():
+    cfg = build(EvalConfig, None, temperature=0.6, top_p=0.95, k=4)
+    assert (cfg.temperature, cfg.top_p) == (0.6, 0.95)
 
 
 def test_cli_reports_one_line_errors(capsys, tmp_path):

@@ -99,7 +99,28 @@ def test_benchmarks_refuse_parts_made_with_other_settings(tiny_model, tmp_path, 
     assert "max_new_tokens: 4 -> 5" in err and (tmp_path / "r.json.parts" / "gsm8k.json").is_file()
 
 
+def test_benchmark_k_samples_one_benchmark_k_times(tiny_model, tmp_path):
+    """The paper's protocol: AMC23 as avg@k (32 there) beside greedy pass@1 for the others."""
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(tiny_model), "--benchmarks", "gsm8k,amc23", "--benchmark-k", "amc23=3",
+            "--data-dir", str(DATA), "--limit", "2", "--max-new-tokens", "4", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    amc, gsm = result["benchmarks"]["amc23"], result["benchmarks"]["gsm8k"]
+    assert amc["k"] == 3 and {"avg_at_k", "pass_at_k"} <= set(amc)
+    assert gsm["k"] == 1 and "avg_at_k" not in gsm and result["settings"]["benchmark_k"] == "amc23=3"
+    lines = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("|")]
+    assert lines[0] == "| benchmark | prompts | pass@1 (%) | avg@3 (%) | pass@3 (%) | response tokens |"
+    assert lines[2].startswith("| gsm8k | 2 | ") and lines[2].split(" | ")[3:5] == ["-", "-"]
+    assert lines[3].split(" | ")[3] == f"{100 * amc['avg_at_k']:.1f}"
+    assert lines[4].split(" | ")[3] == f"{100 * amc['avg_at_k']:.1f}"  # the Average over the rows that have it
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--benchmarks", "gsm8k", "--benchmark-k", "amc23=32"], "benchmark_k names amc23, which benchmarks does not "
+                                                             "list"),
+    (["--benchmarks", "amc23", "--benchmark-k", "amc23=many"], "benchmark_k must be a comma list of name=k"),
+    (["--benchmark-k", "amc23=32"], "data_dir and benchmark_k apply only with benchmarks"),
     (["--benchmarks", "gsm8k,gsm9k"], "unknown benchmark(s) gsm9k; known: gsm8k, math500, minerva_math, "
                                       "olympiadbench, amc23, aime24"),
     (["--benchmarks", "gsm8k", "--reward", "math"], "reward do(es) not apply with benchmarks"),

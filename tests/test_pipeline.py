@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from astarpo import EvalConfig, TrainConfig, Trainer, ValuesConfig, compute_values
 from astarpo.cli import main
 from astarpo.config import ConfigError
+from astarpo.generation import sampling_settings
 from astarpo.values import ValuesError, read_values
 
 COMMON = {"data": "arithmetic", "reward": "arithmetic", "max_new_tokens": 6, "limit": 24}
@@ -39,6 +40,9 @@ def test_values_file_contents(tiny_model, tmp_path):
     prov = read_values(path).provenance
     assert prov["reference_model"] == str(tiny_model) and len(prov["reference_model_hash"]) == 64
     assert (prov["reward"], prov["n"], prov["seed"], prov["temperature"]) == ("digits", 4, 0, 1.0)
+    # every setting that decides the sampled tokens, explicit (nothing from the model's generation_config), and dtype
+    assert prov["sampler"] == sampling_settings(1.0, 1.0) and prov["dtype"] == "float32"
+    assert (prov["sampler"]["top_k"], prov["sampler"]["repetition_penalty"], prov["sampler"]["min_p"]) == (0, 1.0, 0.0)
     import datasets
 
     assert datasets.load_dataset("parquet", data_files=str(path), split="train").num_rows == 24

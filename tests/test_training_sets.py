@@ -53,6 +53,8 @@ def test_math_hub_rows_give_prm800k_train_split():
     assert len(got) == 11998 and len({r["id"] for r in got}) == len(got)
     assert got[-1]["id"] == f"math/test/{len(test) - 1}"  # the row index in the hub split
     assert sum(r["level"] is None for r in got) == 2  # "Level ?" in MATH
+    paper = math_records(train, [], {r["problem"] for r in math500})  # split train: MATH's train problems alone
+    assert len(paper) == 7498 and all(r["orig_split"] == "train" for r in paper)
 
 
 @pytest.fixture
@@ -88,7 +90,7 @@ def test_unreachable_hub_is_one_cli_line(tiny_model, tmp_path, offline_empty_cac
 
 
 def test_split_errors():
-    with pytest.raises(DataError, match="math500 benchmark"):
+    with pytest.raises(DataError, match="splits train .* and train12k .*math500 benchmark"):
         load_records("math", "test")
     with pytest.raises(DataError, match="splits train and test"):
         load_records("gsm8k", "validation")

@@ -71,6 +71,23 @@ class CommonConfig:
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
+def _check_on_policy(cfg: CommonConfig) -> None:
+    """Stage 1 and Stage 2 sample from the policy itself: temperature 1, no top-p cut (the paper's setting).
+
+    Training regresses log-probs of the model's logits at temperature 1 (``generation.response_logprobs``), and
+    V* is the value of the reference policy at temperature 1; samples drawn at another temperature or from a
+    nucleus come from another distribution, so the regression target and V* would both be off. Refusing is
+    simpler and safer than rescaling the log-probs. Greedy (temperature 0) stays allowed as a deterministic mode
+    for checks such as the multi-process test, knowingly not on-policy. Evaluation takes any temperature.
+    """
+    if cfg.temperature not in (0.0, 1.0):
+        raise ConfigError(f"temperature must be 1 for Stage 1 and training (the log-probs A*-PO regresses are at "
+                          f"temperature 1), got {cfg.temperature}; other temperatures apply to eval only")
+    if cfg.temperature != 0 and cfg.top_p != 1:
+        raise ConfigError(f"top_p must be 1 for Stage 1 and training (a nucleus cut samples from another "
+                          f"distribution than the policy whose log-probs are regressed), got {cfg.top_p}")
+
+
 @dataclass
 class ValuesConfig(CommonConfig):
     """Stage 1: N reference samples per prompt, every reward stored."""
@@ -98,6 +115,7 @@ class ValuesConfig(CommonConfig):
             self._check_adaptive()
         if self.temperature == 0 and self.n > 1 and not self.adaptive:
             raise ConfigError("temperature 0 (greedy) gives the same response N times; V* needs sampling")
+        _check_on_policy(self)
         if self.shard_size < 1:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
 
@@ -177,6 +195,7 @@ class TrainConfig(CommonConfig):
         for name in self.report_names:
             if importlib.util.find_spec(name) is None:
                 raise ConfigError(f"report_to names {name}, which is not installed: pip install {name}")
+        _check_on_policy(self)
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("algo", self.algo, tuple(OBJECTIVES))
         self._check_method_settings()
@@ -258,14 +277,17 @@ class EvalConfig(CommonConfig):
     data_dir: str | None = field(default=None, metadata={"help": "folder holding <benchmark>/test.jsonl (default: "
                                                                  "$ASTARPO_DATA_DIR, else the copy shipped with "
                                                                  "astarpo)"})
+    benchmark_k: str | None = field(default=None, metadata={
+        "help": "comma list name=k giving some benchmarks their own k, e.g. amc23=32 (the paper reports AMC23, 40 "
+                "problems, as avg@32)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
         if self.benchmarks is None:
-            if self.data_dir is not None:
-                raise ConfigError("data_dir applies only with benchmarks")
+            if self.data_dir is not None or self.benchmark_k is not None:
+                raise ConfigError("data_dir and benchmark_k apply only with benchmarks")
             return
         names = self.benchmark_names
         unknown = [b for b in names if b not in BENCHMARKS]
@@ -283,6 +305,23 @@ class EvalConfig(CommonConfig):
                               "own data and reward); drop it or drop benchmarks")
         if self.output.endswith(".md"):
             raise ConfigError("output is the JSON file; the Markdown table is written beside it as .md")
+        self.k_for(names[0])  # a malformed benchmark_k fails here, before any work
+        other = sorted(set(self._benchmark_k()) - set(names))
+        if other:
+            raise ConfigError(f"benchmark_k names {', '.join(other)}, which benchmarks does not list")
+
+    def _benchmark_k(self) -> dict[str, int]:
+        out = {}
+        for item in _comma_list(self.benchmark_k):
+            name, _, k = item.partition("=")
+            if not k.strip().isdigit() or int(k) < 1:
+                raise ConfigError(f"benchmark_k must be a comma list of name=k with k >= 1, got {item!r}")
+            out[name.strip()] = int(k)
+        return out
+
+    def k_for(self, name: str) -> int:
+        """Samples per prompt for benchmark ``name``: its entry in ``benchmark_k``, else ``k``."""
+        return self._benchmark_k().get(name, self.k)
 
     @property
     def benchmark_names(self) -> list[str]:

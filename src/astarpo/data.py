@@ -89,8 +89,9 @@ def gsm8k_records(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]
 
 def math_records(train_rows: list[dict[str, Any]], test_rows: list[dict[str, Any]],
                  exclude_problems: set[str]) -> list[dict[str, Any]]:
-    """PRM800K's MATH training split (the paper's MATH train set) from MATH as published (``problem``, ``level``
-    "Level N", ``type``, ``solution``): every train and test problem but the held-out MATH500 ones (12,000).
+    """MATH training problems from MATH as published (``problem``, ``level`` "Level N", ``type``, ``solution``):
+    every given train and test problem but the held-out MATH500 ones. With MATH's 7,500 train problems alone
+    that is the A*-PO paper's training set; with its 5,000 test problems too, PRM800K's 12k training split.
 
     ``answer`` is the content of the solution's last ``\\boxed{}``, the rule that gives MATH500's official
     answers; the two rows whose last box is empty have no answer and are dropped.
@@ -133,17 +134,21 @@ def _gsm8k(split: str) -> list[dict[str, Any]]:
 
 
 def _math(split: str) -> list[dict[str, Any]]:
-    if split != "train":
-        raise DataError(f"math has the split train only, not {split!r}; its test set is the math500 benchmark "
+    """``train``: MATH's training problems (the A*-PO paper's: its code reads lighteval's MATH train split);
+    ``train12k``: PRM800K's split, which adds the test problems outside MATH500."""
+    expected = {"train": 7498, "train12k": 11998}  # 7,500 (+ 5,000 - 500 in MATH500) - 2 with an empty box
+    if split not in expected:
+        raise DataError(f"math has the splits train (MATH's training problems, the paper's) and train12k "
+                        f"(PRM800K's 12k split), not {split!r}; its test set is the math500 benchmark "
                         "(astarpo eval --benchmarks math500)")
     from .benchmarks import PACKAGED_DATA
 
-    rows = {s: _hub_rows("DigitalLearningGmbH/MATH-lighteval", "default", s, f"math ({s})") for s in ("train", "test")}
+    parts = ("train", "test") if split == "train12k" else ("train",)
+    rows = {s: _hub_rows("DigitalLearningGmbH/MATH-lighteval", "default", s, f"math ({s})") for s in parts}
     math500 = {r["problem"] for r in _read_jsonl(PACKAGED_DATA / "math500" / "test.jsonl")}
-    records = math_records(rows["train"], rows["test"], math500)
-    if len(records) != 11998:  # 7,500 + 5,000 - 500 (MATH500) - 2 (empty box)
-        log.warning("math: %d rows from %d train and %d test problems, expected 11998; another version of MATH?",
-                    len(records), len(rows["train"]), len(rows["test"]))
+    records = math_records(rows["train"], rows.get("test", []), math500)
+    if len(records) != expected[split]:
+        log.warning("math %s: %d rows, expected %d; another version of MATH?", split, len(records), expected[split])
     return records
 
 

@@ -105,10 +105,10 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
     model_dir = resolve_model(cfg.model)
     reference = _reference(cfg, model_dir)
     settings = {"model": cfg.model, "model_hash": content_hash(model_dir), "reference": reference, "k": cfg.k,
-                "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "seed": cfg.seed, "max_prompt_tokens": cfg.max_prompt_tokens,
-                "use_chat_template": cfg.use_chat_template, "on_long_prompt": cfg.on_long_prompt,
-                "dtype": cfg.dtype}
+                "benchmark_k": cfg.benchmark_k, "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens,
+                "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
+                "max_prompt_tokens": cfg.max_prompt_tokens, "use_chat_template": cfg.use_chat_template,
+                "on_long_prompt": cfg.on_long_prompt, "dtype": cfg.dtype}
     done: dict[str, dict[str, Any]] = {}
     for name in cfg.benchmark_names:  # check every saved part before the slow model load
         path = parts / f"{name}.json"
@@ -137,7 +137,7 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             records, prompt_ids, skipped = prompts[name]
             log.info("%s: %d prompts", name, len(records))
             result = _evaluate(cfg, model, tokenizer, records, prompt_ids, rewards.get(bench.reward), ref_model,
-                               progress=name)
+                               progress=name, k=cfg.k_for(name))
             done[name] = {"reward": bench.reward, "skipped": skipped, **result}
             write_json_atomic(parts / f"{name}.json", {"settings": settings, "result": done[name]})
             log.info("%s: pass@1 %.1f%% (%.0f s)", name, 100 * result["accuracy"], result["seconds"])
@@ -151,25 +151,41 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
-    """The paper's layout: one row per benchmark and an unweighted Average row; accuracies in percent."""
-    rows, k, s = summary["benchmarks"], summary["k"], summary["settings"]
+    """The paper's layout: one row per benchmark and an unweighted Average row; accuracies in percent.
+
+    avg@k and pass@k appear for the benchmarks sampled k > 1 times (k may differ per benchmark, see
+    ``EvalConfig.benchmark_k``); the others show "-" there, and each Average is over the rows that have it.
+    """
+    rows, s = summary["benchmarks"], summary["settings"]
     first = next(iter(rows.values()))
+    sampled = {name: r.get("k", summary["k"]) for name, r in rows.items() if "avg_at_k" in r}
+    ks = sorted(set(sampled.values()))
+    label = ks[0] if len(ks) == 1 else "k"
     cols = [("prompts", "prompts", "{:d}"), ("pass@1 (%)", "accuracy", "{:.1f}")]  # (title, key, format)
-    if "avg_at_k" in first:
-        cols += [(f"avg@{k} (%)", "avg_at_k", "{:.1f}"), (f"pass@{k} (%)", "pass_at_k", "{:.1f}")]
+    if sampled:
+        cols += [(f"avg@{label} (%)", "avg_at_k", "{:.1f}"), (f"pass@{label} (%)", "pass_at_k", "{:.1f}")]
     if "kl_to_ref" in first:
         cols.append(("KL to ref", "kl_to_ref", "{:.3f}"))
     cols.append(("response tokens", "mean_response_tokens", "{:.0f}"))
     percent = ("accuracy", "avg_at_k", "pass_at_k")
 
     def cells(values: dict[str, Any]) -> str:
-        return " | ".join(fmt.format(values[key] * (100 if key in percent else 1)) for _, key, fmt in cols)
+        return " | ".join("-" if values.get(key) is None else fmt.format(values[key] * (100 if key in percent else 1))
+                          for _, key, fmt in cols)
 
-    average = {key: sum(r[key] for r in rows.values()) / len(rows) for _, key, _ in cols}
+    average = {}
+    for _, key, _ in cols:
+        have = [r[key] for r in rows.values() if key in r]
+        average[key] = sum(have) / len(have) if have else None
     average["prompts"] = sum(r["prompts"] for r in rows.values())
-    lines = [f"model `{summary['model']}`, greedy pass@1" + (f", {k} samples at temperature {s['temperature']}"
-                                                            if k > 1 else "")
-             + f", max_new_tokens {s['max_new_tokens']}, limit {s['limit']}", "",
+    if not sampled:
+        how = ""
+    elif len(sampled) == len(rows) and len(ks) == 1:
+        how = f", {ks[0]} samples at temperature {s['temperature']}"
+    else:
+        how = f", samples at temperature {s['temperature']}: " + ", ".join(f"{n} {k}" for n, k in sampled.items())
+    lines = [f"model `{summary['model']}`, greedy pass@1{how}, max_new_tokens {s['max_new_tokens']}, "
+             f"limit {s['limit']}", "",
              "| benchmark | " + " | ".join(title for title, _, _ in cols) + " |",
              "| --- |" + " ---: |" * len(cols)]
     lines += [f"| {name} | {cells(r)} |" for name, r in rows.items()]
@@ -195,9 +211,10 @@ def _load_models(cfg: EvalConfig, model_dir: Path, reference: str | None) -> tup
 
 
 def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
-              reward_fn: rewards.RewardFn, ref_model: Any, progress: str = "eval") -> dict[str, Any]:
+              reward_fn: rewards.RewardFn, ref_model: Any, progress: str = "eval",
+              k: int | None = None) -> dict[str, Any]:
     """``evaluate`` with the config's settings, seeded here so a result does not depend on what ran before."""
     torch.manual_seed(cfg.seed)
-    return evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=cfg.k, temperature=cfg.temperature,
+    return evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=k or cfg.k, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
                     ref_model=ref_model, on_reward_error=cfg.on_reward_error, progress=progress)

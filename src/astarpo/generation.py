@@ -137,6 +137,51 @@ def response_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return token_logp * batch["response_mask"]
 
 
+# Every GenerationConfig field that changes which tokens generate() draws, at the value that leaves the model's
+# next-token distribution alone. transformers 5 fills each field a passed config leaves as None (only None counts as
+# unset) from the model's own generation_config.json: GenerationMixin._prepare_generation_config calls
+# generation_config.update(**self.generation_config.to_dict(), defaults_only=True). Qwen2.5 ships
+# repetition_penalty 1.05-1.1, other models top_k, min_p, typical_p or no_repeat_ngram_size; any of them would make
+# the samples come from something other than pi, the distribution whose log-probs A*-PO regresses.
+_NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+            "encoder_no_repeat_ngram_size": 0, "min_new_tokens": 0, "length_penalty": 1.0,
+            "guidance_scale": 1.0, "remove_invalid_values": False, "renormalize_logits": False}
+_NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+_SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
+# Fields of a model's generation_config that leave the drawn tokens alone (ids, lengths that max_new_tokens and
+# min_new_tokens override, caching, extra outputs, assistant-model knobs): anything else it sets that sample() cannot
+# override (bad_words_ids, suppress_tokens, forced_eos_token_id, stop_strings, ...) makes sample() refuse the model.
+_HARMLESS = {"_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
+             "decoder_start_token_id", "max_length", "min_length", "early_stopping", "use_cache",
+             "cache_implementation", "cache_config", "max_cache_len", "prefill_chunk_size", "compile_config",
+             "disable_compile", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+             "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+             "assistant_lookbehind", "target_lookbehind", "continuous_batching_config"}
+
+
+def sampling_settings(temperature: float, top_p: float) -> dict[str, Any]:
+    """Every generate() setting that decides which tokens are drawn: softmax(logits / temperature), cut to the
+    top_p nucleus, and nothing else (``temperature == 0``: greedy, where the sampling-only settings do not apply).
+    :func:`sample` passes all of them explicitly; Stage 1 records them in the values file's provenance."""
+    if temperature == 0:
+        return {"do_sample": False, **_NEUTRAL}
+    return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), **_NEUTRAL_SAMPLING,
+            **_NEUTRAL}
+
+
+def _check_nothing_inherited(model: Any, gen_config: Any) -> None:
+    """Refuse a model whose generation_config sets a field that generate() would apply on top of ``gen_config``:
+    one ``gen_config`` leaves as None because None is that field's only neutral value."""
+    own = model.generation_config.to_dict()
+    skip = _HARMLESS | (set() if gen_config.do_sample else set(_SAMPLING_ONLY))
+    leaked = {k: v for k, v in own.items()
+              if v is not None and k not in skip and hasattr(gen_config, k) and getattr(gen_config, k) is None}
+    if leaked:
+        raise ValueError(f"the model's generation_config sets {leaked}, which generate() would apply on top of the "
+                         "sampler's settings, so the samples would not come from the policy; drop them from "
+                         "model.generation_config (astarpo.models.load_model does)")
+
+
 def _trim(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
     for i, t in enumerate(tokens):
         if t in eos:
@@ -191,7 +236,9 @@ def sample(
     progress: Callable[[int], None] | None = None,
     shared_prefill: bool = True,
 ) -> Rollout:
-    """``n`` responses for each prompt (``temperature == 0`` means greedy, then ``n`` must be 1).
+    """``n`` responses for each prompt (``temperature == 0`` means greedy, then ``n`` must be 1), drawn from
+    softmax(logits / temperature) cut to the top_p nucleus, whatever the model's generation_config says (see
+    :func:`sampling_settings`).
 
     ``batch_size`` counts sequences per generate() call. Prompts are grouped by length so that little of a
     batch is padding. ``progress`` is called with the number of sequences finished after each call.
@@ -204,10 +251,10 @@ def sample(
         raise ValueError("greedy decoding (temperature 0) gives one response per prompt; use n=1")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    gen_config = GenerationConfig(
-        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-        top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
-        max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos, pad_token_id=pad_id)
+    gen_config = GenerationConfig(**sampling_settings(temperature, top_p), max_new_tokens=max_new_tokens,
+                                  num_return_sequences=n, eos_token_id=eos, pad_token_id=pad_id, use_cache=True,
+                                  return_dict_in_generate=False)
+    _check_nothing_inherited(model, gen_config)
     per_call = max(1, batch_size // n)
     order = sorted(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
     rows: dict[int, list[tuple[list[int], bool]]] = {}

@@ -171,7 +171,18 @@ def load_model(model_dir: str | Path, dtype: str = "float32", trust_remote_code:
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
                                                      trust_remote_code=trust_remote_code, use_safetensors=True)
-    model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+    # Keep only the special tokens of the shipped generation_config.json: generate() would apply anything else it
+    # sets (Qwen2.5's repetition_penalty, another model's top_k or min_p) on top of our sampler's settings, and
+    # checkpoints saved from this model then carry no sampling settings either (see generation.sampling_settings).
+    from transformers import GenerationConfig
+
+    shipped = model.generation_config
+    dropped = {k: v for k, v in shipped.to_diff_dict().items()
+               if k not in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")}
+    if dropped:
+        log.info("ignoring the generation settings shipped with %s: %s", model_dir, dropped)
+    model.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id,
+                                               pad_token_id=shipped.pad_token_id or model.config.eos_token_id)
     return model
 
 

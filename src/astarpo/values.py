@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import __version__, rewards
 from .config import CommonConfig, ValuesConfig
 from .data import load_prompts
-from .generation import HFSampler, SamplingParams, collect
+from .generation import HFSampler, SamplingParams, collect, sampling_settings
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model, tokenizer_hash
 from .rundir import atomic_path, check_writable, diff_settings
 from .utils import cpu_processes
@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 _META_KEY = b"astarpo"
 # Settings that change what is sampled; a resumed run or a training run must agree on them.
 SAMPLING_KEYS = ("reference_model_hash", "reference_tokenizer_hash", "reward", "temperature", "top_p",
-                 "max_new_tokens", "use_chat_template", "prompt_template")
+                 "max_new_tokens", "use_chat_template", "prompt_template", "sampler")
 
 
 class ValuesError(ValueError):
@@ -139,7 +139,9 @@ def reference_provenance(cfg: CommonConfig, model_dir: Path, reward_name: str) -
     return {"reference_model": cfg.model, "reference_model_hash": content_hash(model_dir),
             "reference_tokenizer_hash": tokenizer_hash(model_dir), "reward": reward_name,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-            "use_chat_template": cfg.use_chat_template, "prompt_template": cfg.prompt_template}
+            "use_chat_template": cfg.use_chat_template, "prompt_template": cfg.prompt_template,
+            # every generate() setting that decides the tokens (top_k 0, no repetition penalty, ...)
+            "sampler": sampling_settings(cfg.temperature, cfg.top_p)}
 
 
 def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = None) -> Path:
@@ -151,7 +153,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         "format_version": FORMAT_VERSION, "astarpo_version": __version__,
         **reference_provenance(cfg, model_dir, reward_name), "n": cfg.n, "seed": cfg.seed, "data": cfg.data,
         "split": cfg.split, "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens,
-        "shard_size": cfg.shard_size,
+        "shard_size": cfg.shard_size, "dtype": cfg.dtype,
     }
     if cfg.adaptive:  # only then, so that files from fixed-N runs keep matching their settings
         provenance.update(n=None, adaptive=True, round_size=cfg.round_size, n_max=cfg.n_max, beta1=cfg.beta1,
