@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from astarpo.generation import sampling_settings
 from astarpo.values import Values, ValuesError, check_provenance, load_v_star, read_values, v_star
 
 
@@ -73,8 +74,12 @@ def test_read_values_rejects_foreign_and_corrupt_files(tmp_path):
 
 def test_check_provenance_names_the_mismatch():
     prov = {"reference_model": "a", "reference_model_hash": "h1", "reference_tokenizer_hash": "t1", "reward": "math",
-            "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32, "use_chat_template": True, "prompt_template": None}
+            "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32, "use_chat_template": True, "prompt_template": None,
+            "sampler": sampling_settings(1.0, 1.0)}
     check_provenance(prov, dict(prov), "v.parquet")
+    leaky = {k: v for k, v in prov.items() if k != "sampler"}  # drawn before every sampling setting was explicit
+    with pytest.raises(ValuesError, match="does not record its sampler"):
+        check_provenance(leaky, prov, "v.parquet")
     older = {k: v for k, v in prov.items() if k != "reference_tokenizer_hash"}
     with pytest.raises(ValuesError, match="does not record its reference_tokenizer_hash"):
         check_provenance(older, prov, "v.parquet")
