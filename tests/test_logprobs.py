@@ -104,3 +104,15 @@ def test_never_materialises_full_logits(tiny_model):
         response_logprobs(model, batch, chunk_tokens=4).sum().backward()
     assert plain.largest >= B * R * V  # the measurement sees the full logits when they exist ...
     assert ours.largest == 4 * V  # ... and here only one chunk of 4 tokens at a time, in backward too
+
+
+def test_head_runs_in_the_precision_of_accelerates_autocast(tiny_model):
+    """accelerate wraps the model's forward in autocast; the chunks run outside that forward and must use the
+    same precision (bf16 logits, upcast), not float32."""
+    from accelerate import Accelerator
+
+    model = Accelerator(mixed_precision="bf16", cpu=True).prepare(load_model(tiny_model))
+    with torch.no_grad():
+        plain, ours = _plain_logprobs(model, _batch()), response_logprobs(model, _batch(), chunk_tokens=4)
+        full = response_logprobs(load_model(tiny_model), _batch(), chunk_tokens=4)  # no autocast: float32
+    assert torch.allclose(ours, plain, atol=1e-5) and not torch.allclose(ours, full, atol=1e-4)

@@ -152,7 +152,9 @@ def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: 
     captured: list[torch.Tensor] = []
 
     def keep_hidden(_module: Any, args: tuple) -> tuple:
-        captured.append(args[0])
+        device = args[0].device.type
+        captured.append((args[0], torch.autocast(device, torch.get_autocast_dtype(device),
+                                                 enabled=torch.is_autocast_enabled(device))))
         return (args[0][:, :0], *args[1:])  # the head computes nothing inside the forward pass
 
     handle = head.register_forward_pre_hook(keep_hidden)
@@ -163,16 +165,18 @@ def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: 
         handle.remove()
     if not captured:
         raise RuntimeError(f"{type(head).__name__}, the output embedding, was not called by the model's forward")
-    hidden = captured[0][:, :-1]  # [B, R, H]: position t predicts response token t
+    hidden, autocast = captured[0]  # the head runs in the forward pass's precision (accelerate's autocast)
+    hidden = hidden[:, :-1]  # [B, R, H]: position t predicts response token t
     mask = batch["response_mask"].bool()
     h, targets = hidden[mask], batch["input_ids"][:, -R:][mask]  # response tokens only: [N, H], [N]
     step = chunk_tokens or max(1, _CHUNK_LOGITS // max(1, _vocab_size(model, head)))
     grad = torch.is_grad_enabled() and h.requires_grad
     parts = []
-    for i in range(0, len(targets), step):
-        args = (head, h[i : i + step], targets[i : i + step])
-        parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
-                     else _chunk_logprobs(*args))
+    with autocast:
+        for i in range(0, len(targets), step):
+            args = (head, h[i : i + step], targets[i : i + step])
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
+                         else _chunk_logprobs(*args))
     token_logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, token_logp)
 
