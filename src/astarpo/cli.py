@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
         _add_fields(sp, cls)
     qs = sub.add_parser("quickstart", help="the whole pipeline on the built-in default model and task")
     qs.add_argument("--output-dir", default="runs/quickstart")
+    from .plan import add_arguments as plan_arguments
+
+    plan_arguments(sub.add_parser("plan", help="per-GPU memory of Stage 2 by component: DDP, FSDP2, ZeRO-2/3, LoRA"))
     return p
 
 
@@ -61,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     command = args.pop("command")
     try:
+        if command == "plan":
+            from .plan import run
+
+            print(run(argparse.Namespace(**args)), end="")
+            return 0
         if command == "quickstart":
             from .quickstart import quickstart
 
