@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("paths", nargs="+", metavar="RUN_OR_RESULT", help="train run directory (finished, running or "
                     "stopped), eval result JSON, or bench.json (or its folder)")
     rp.add_argument("--output-dir", default="runs/report", help="where report.md and the PNGs go")
+    from .plan import add_arguments as plan_arguments
+
+    plan_arguments(sub.add_parser("plan", help="per-GPU memory of Stage 2 by component: DDP, FSDP2, ZeRO-2/3, LoRA"))
     return p
 
 
@@ -86,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             from .report import report
 
             print(report(args["paths"], args["output_dir"]))
+            return 0
+        if command == "plan":
+            from .plan import run
+
+            print(run(argparse.Namespace(**args)), end="")
             return 0
         if command == "quickstart":
             from .quickstart import quickstart

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.utils.checkpoint
 
 from . import rewards
 
@@ -122,12 +123,90 @@ def collate(rollout: Rollout, pad_id: int, device: torch.device | str = "cpu") -
     return {k: v.to(device) for k, v in out.items()}
 
 
-def response_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+# Config attributes of models whose logits are not just lm_head(hidden) (Gemma 2/3 soft-capping, Cohere and
+# Granite scaling): for these the chunked path would be wrong, so response_logprobs computes the plain way.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# Response tokens per lm_head chunk: about 2**26 logits, 256 MiB in float32, whatever the vocabulary.
+_CHUNK_LOGITS = 2**26
+
+
+def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
     """Per-token log pi(y_t | x, y_<t) at temperature 1, zero outside the response mask; shape [B, R].
 
-    Only the last R+1 positions' logits are materialised (``logits_to_keep``): with a 49k vocabulary the
-    prompt positions would otherwise dominate memory.
+    Full float32 logits are never materialised. The model (DDP-, DeepSpeed- or peft-wrapped alike: its own
+    forward runs, so gradient hooks and sharding work as usual) computes hidden states; a pre-hook on its output
+    embedding (the lm_head, tied or not, LoRA-wrapped or not) keeps only the R+1 positions that predict
+    response tokens (``logits_to_keep``) and hands the head an empty slice, so the forward pass itself makes no
+    logits. Then, for the response tokens only (padding skipped), the head runs on ``chunk_tokens`` tokens at a
+    time, each chunk upcast to float32 for log-softmax. With gradients, each chunk is recomputed in backward
+    (activation checkpointing), so the autograd graph holds one float per token, not a row of V logits.
+
+    Peak memory beyond the backbone's: the plain way keeps [B, R, V] logits in the compute dtype plus a float32
+    copy and the log-softmax's temporaries (for Qwen2.5, V = 151,936, micro-batch 8 x 1024 response tokens:
+    about 5 GB for the float32 copy alone, and all of it saved for backward); here it is the [B, R, H] hidden
+    slice (saved by the backbone anyway) and one chunk of ``chunk_tokens`` x V (default about 2**26 logits,
+    256 MiB in float32) and its gradient, at a time.
     """
+    head = _output_head(model)
+    if head is None:
+        return _plain_logprobs(model, batch)
+    R = batch["response_mask"].shape[1]
+    captured: list[torch.Tensor] = []
+
+    def keep_hidden(_module: Any, args: tuple) -> tuple:
+        device = args[0].device.type
+        captured.append((args[0], torch.autocast(device, torch.get_autocast_dtype(device),
+                                                 enabled=torch.is_autocast_enabled(device))))
+        return (args[0][:, :0], *args[1:])  # the head computes nothing inside the forward pass
+
+    handle = head.register_forward_pre_hook(keep_hidden)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(head).__name__}, the output embedding, was not called by the model's forward")
+    hidden, autocast = captured[0]  # the head runs in the forward pass's precision (accelerate's autocast)
+    hidden = hidden[:, :-1]  # [B, R, H]: position t predicts response token t
+    mask = batch["response_mask"].bool()
+    h, targets = hidden[mask], batch["input_ids"][:, -R:][mask]  # response tokens only: [N, H], [N]
+    step = chunk_tokens or max(1, _CHUNK_LOGITS // max(1, _vocab_size(model, head)))
+    grad = torch.is_grad_enabled() and h.requires_grad
+    parts = []
+    with autocast:
+        for i in range(0, len(targets), step):
+            args = (head, h[i : i + step], targets[i : i + step])
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
+                         else _chunk_logprobs(*args))
+    token_logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, token_logp)
+
+
+def _chunk_logprobs(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _output_head(model: Any) -> Any:
+    """The module that turns hidden states into logits, or None when logits are more than that (or unknown)."""
+    inner = model
+    while hasattr(inner, "module"):  # DistributedDataParallel, DeepSpeedEngine
+        inner = inner.module
+    config = getattr(inner, "config", None)
+    if not hasattr(inner, "get_output_embeddings") or any(getattr(config, a, None) not in (None, 1, 1.0)
+                                                          for a in _LOGIT_TRANSFORMS):
+        return None
+    return inner.get_output_embeddings()
+
+
+def _vocab_size(model: Any, head: Any) -> int:
+    """From the layer's declared size, not its weight: under ZeRO-3 the local weight is an empty shard."""
+    return getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None) or 2**17
+
+
+def _plain_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference computation: [B, R, V] logits from the model, upcast whole (models without a plain head)."""
     R = batch["response_mask"].shape[1]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False).logits

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import load_model as load_model_state
 from safetensors.torch import save_model
 
@@ -75,6 +75,10 @@ class Trainer:
                             "resume with the same settings or choose another --output-dir")
         self.accelerator = acc = Accelerator(log_with=cfg.report_names or None, project_dir=self.out,
                                              mixed_precision=cfg.mixed_precision, cpu=cpu_processes())
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # issue #13
+            raise TrainError(f"{acc.distributed_type.value} is not supported by the trainer yet (it would step "
+                             "DeepSpeed per micro-batch and save empty ZeRO-3 weights); use DDP, with --lora-rank "
+                             "for large models (`astarpo plan` gives the memory)")
         set_seed(cfg.seed)
         self.objective = OBJECTIVES[cfg.algo](
             cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size, gae_lambda=cfg.gae_lambda,
