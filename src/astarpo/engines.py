@@ -14,6 +14,14 @@ tokens up to and including the first EOS, truncated when none came within ``max_
 by our tokenizer with special tokens skipped. vLLM also returns each sampled token's log-prob (raw, temperature 1,
 as the trainer computes them); they are kept on the Rollout (``sampler_logp``) so that Stage 2 can report how far
 the engine's numbers are from the training model's.
+
+No truncated importance-weight correction (TIS) of the sampler/trainer gap: with the engine in the policy's
+dtype (float32, the default) the gap is numerical noise (SmolLM2-135M: |sum log pi_vLLM - sum log pi| about
+5e-5 nats per 24-token response; the tiny test model: below 1e-5), far below anything a ratio would correct.
+A bfloat16 engine under a float32 policy (``vllm_dtype bfloat16``) is another matter: 0.23 nats per 39-token
+response on average, 0.78 at most (signed mean +0.09): material for objectives with importance ratios (GRPO,
+RLOO, PPO), which would then need TIS; A*-PO's loss has no ratio, and samples from a distribution 0.09 nats
+away shift its regression target only slightly. Not implemented yet: the gap is reported per step instead.
 """
 
 from __future__ import annotations
