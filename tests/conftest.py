@@ -12,7 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
-def build_tiny_model(path: Path, chat_template: bool = False, seed: int = 0) -> Path:
+def build_tiny_model(path: Path, chat_template: bool = False, seed: int = 0, hidden_size: int = 32) -> Path:
+    """Two layers, two attention heads of ``hidden_size / 2`` (vLLM's CPU attention needs 32: hidden_size 64)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -31,8 +32,8 @@ def build_tiny_model(path: Path, chat_template: bool = False, seed: int = 0) -> 
         hf_tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                       bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
                       pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)

@@ -29,6 +29,11 @@ def test_yaml_then_overrides(tmp_path):
     (ValuesConfig, {"on_reward_error": "ignore"}, "on_reward_error must be one of raise, skip"),
     (ValuesConfig, {"n": "eight"}, "n must be int, got 'eight'"),
     (ValuesConfig, {"nn": 3}, "unknown setting\\(s\\) nn for ValuesConfig"),
+    (ValuesConfig, {"engine": "sglang"}, "engine must be one of hf, vllm"),
+    (EvalConfig, {"vllm_gpu_memory_utilization": 1.5}, "vllm_gpu_memory_utilization must be in"),
+    (EvalConfig, {"vllm_tensor_parallel_size": 0}, "vllm_tensor_parallel_size must be >= 1"),
+    (EvalConfig, {"vllm_kv_cache_gb": 0}, "vllm_kv_cache_gb must be > 0"),
+    (TrainConfig, {"vllm_dtype": "int8"}, "vllm_dtype must be one of"),
 ])
 def test_out_of_range_settings(cls, settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -100,3 +105,13 @@ def test_quickstart_recipe_is_a_config_file_like_any_other():
     assert (t.learning_rate, t.beta1, t.beta2, t.batch_size, t.steps, t.micro_batch_size, t.limit) == \
            (1e-5, 0.5, 1e-3, 32, 12, 16, 160)
     assert (t.eval_data, t.eval_limit, t.eval_every, t.save_every) == ("arithmetic", 100, 4, 6)
+
+
+def test_engine_vllm_without_vllm_is_a_one_line_error(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    assert main(["values", "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("astarpo: error: engine vllm needs vLLM: pip install 'astarpo[vllm]'") and "\n" not in err

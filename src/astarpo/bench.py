@@ -164,7 +164,7 @@ def recipe(cfg: BenchConfig) -> tuple[dict[str, Any], ValuesConfig, TrainConfig]
     """The quickstart's recipe on the bench's model and number of training prompts: its shared settings and the
     Stage 1 and Stage 2 configs they give; each method's own settings are added in :func:`bench`."""
     shared = {k: v for k, v in load_yaml(QUICKSTART).items() if k not in SECTIONS.values()}
-    shared.update(model=cfg.model, limit=cfg.train_prompts)
+    shared.update(model=cfg.model, limit=cfg.train_prompts, engine=cfg.engine)
     return shared, build(ValuesConfig, QUICKSTART, **shared), build(TrainConfig, QUICKSTART, **shared)
 
 

@@ -53,6 +53,17 @@ class CommonConfig:
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generate() call"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (weights)"})
     trust_remote_code: bool = False
+    engine: str = field(default="hf", metadata={
+        "help": "generation engine: hf (transformers generate) | vllm (pip install 'astarpo[vllm]'; README)"})
+    vllm_gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "vllm: share of GPU memory for weights and KV cache (unless vllm_kv_cache_gb is set)"})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine (values, eval)"})
+    vllm_kv_cache_gb: float | None = field(default=None, metadata={
+        "help": "vllm: KV cache size in GiB (default: from vllm_gpu_memory_utilization on GPU, 4 on CPU)"})
+    vllm_enforce_eager: bool = field(default=False, metadata={
+        "help": "vllm: no torch.compile or CUDA graphs (start-up in seconds, slower decoding)"})
+    vllm_dtype: str | None = field(default=None, metadata={
+        "help": "vllm: the engine's weight dtype (default: dtype); bfloat16 samples faster from a float32 policy"})
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -69,6 +80,19 @@ class CommonConfig:
         _choice("on_long_prompt", self.on_long_prompt, ("error", "skip"))
         _choice("on_reward_error", self.on_reward_error, ("raise", "skip"))
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("engine", self.engine, ("hf", "vllm"))
+        if self.vllm_dtype is not None:
+            _choice("vllm_dtype", self.vllm_dtype, ("float32", "bfloat16", "float16"))
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ConfigError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
+        if self.vllm_kv_cache_gb is not None and not self.vllm_kv_cache_gb > 0:
+            raise ConfigError(f"vllm_kv_cache_gb must be > 0, got {self.vllm_kv_cache_gb}")
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            from .engines import VLLM_MISSING
+
+            raise ConfigError(VLLM_MISSING)
 
 
 def _check_on_policy(cfg: CommonConfig) -> None:
@@ -234,6 +258,9 @@ class TrainConfig(CommonConfig):
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.engine == "vllm" and self.vllm_tensor_parallel_size > 1:
+            raise ConfigError("train pushes the policy's weights into an in-process vLLM engine after every step, "
+                              "which needs vllm_tensor_parallel_size 1 (larger sizes work for values and eval)")
 
     def _check_method_settings(self) -> None:
         """Each method owns its coefficients: setting another method's is refused (it would be silently ignored),
@@ -348,6 +375,8 @@ class BenchConfig:
                 "to the best any method reached)"})
     output_dir: str = "runs/bench"
     json: str | None = field(default=None, metadata={"help": "also write the raw figures here"})
+    engine: str = field(default="hf", metadata={"help": "generation engine of Stage 1 and of every method's "
+                                                        "Stage 2: hf | vllm (checkpoints are scored with hf)"})
     quick: bool = field(default=False, metadata={"help": "a few minutes: 2 steps of 4 prompts, 32 training and "
                                                          "20 held-out prompts"})
 
@@ -363,6 +392,11 @@ class BenchConfig:
         for name in sizes:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _choice("engine", self.engine, ("hf", "vllm"))
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            from .engines import VLLM_MISSING
+
+            raise ConfigError(VLLM_MISSING)
         for algo in self.algo_names:
             _choice("algos", algo, tuple(OBJECTIVES))
         for name in self.external_names:

@@ -22,7 +22,8 @@ from . import rewards
 from .benchmarks import get_benchmark, load_benchmark
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
-from .generation import HFSampler, SamplingParams, collect, sequence_logprobs
+from .engines import make_sampler
+from .generation import HFSampler, Sampler, SamplingParams, collect, sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .rundir import RUN_FILE, diff_settings, write_json_atomic, write_text_atomic
 
@@ -32,14 +33,15 @@ log = logging.getLogger(__name__)
 def evaluate(model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
              reward_fn: rewards.RewardFn, *, k: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              max_new_tokens: int = 256, batch_size: int = 64, ref_model: Any = None,
-             on_reward_error: str = "raise", micro_batch_size: int = 8, progress: str | None = "eval"
-             ) -> dict[str, Any]:
+             on_reward_error: str = "raise", micro_batch_size: int = 8, progress: str | None = "eval",
+             sampler: Sampler | None = None) -> dict[str, Any]:
     """Score ``model`` on tokenized prompts. Returns accuracy figures and per-prompt samples.
 
     ``progress`` labels a progress bar over the sampled sequences (rate and time left), ``None`` for none; only
-    rank 0 of a multi-process launch shows it.
+    rank 0 of a multi-process launch shows it. ``sampler`` draws the responses (default: HF ``generate`` on
+    ``model``; a vLLM engine must hold ``model``'s weights).
     """
-    sampler = HFSampler(model, tokenizer, eos_ids(model, tokenizer), batch_size)
+    sampler = sampler or HFSampler(model, tokenizer, eos_ids(model, tokenizer), batch_size)
     start = time.perf_counter()
     draws = k if k > 1 else int(ref_model is not None)  # sampled sequences per prompt after the greedy one
     bar = tqdm(total=len(records) * (1 + draws), desc=progress, unit="seq", dynamic_ncols=True, leave=False,
@@ -86,7 +88,8 @@ def run_eval(cfg: EvalConfig, reward: str | rewards.RewardFn | None = None) -> d
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     records, prompt_ids = load_prompts(tokenizer, cfg)
     model, ref_model = _load_models(cfg, model_dir, reference)
-    result = _evaluate(cfg, model, tokenizer, records, prompt_ids, reward_fn, ref_model)
+    sampler = make_sampler(cfg, model_dir, tokenizer, model)
+    result = _evaluate(cfg, model, tokenizer, records, prompt_ids, reward_fn, ref_model, sampler)
     result = {"model": cfg.model, "reference": reference, "data": cfg.data, "split": cfg.split,
               "reward": reward_name, **result}
     write_json_atomic(Path(cfg.output), result)
@@ -131,13 +134,14 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
                                               cfg.on_long_prompt)
             prompts[name] = (kept, prompt_ids, len(records) - len(kept))
         model, ref_model = _load_models(cfg, model_dir, reference)
+        sampler = make_sampler(cfg, model_dir, tokenizer, model)
         parts.mkdir(parents=True, exist_ok=True)
         for name in todo:
             bench = get_benchmark(name)
             records, prompt_ids, skipped = prompts[name]
             log.info("%s: %d prompts", name, len(records))
             result = _evaluate(cfg, model, tokenizer, records, prompt_ids, rewards.get(bench.reward), ref_model,
-                               progress=name, k=cfg.k_for(name))
+                               sampler, progress=name, k=cfg.k_for(name))
             done[name] = {"reward": bench.reward, "skipped": skipped, **result}
             write_json_atomic(parts / f"{name}.json", {"settings": settings, "result": done[name]})
             log.info("%s: pass@1 %.1f%% (%.0f s)", name, 100 * result["accuracy"], result["seconds"])
@@ -211,10 +215,10 @@ def _load_models(cfg: EvalConfig, model_dir: Path, reference: str | None) -> tup
 
 
 def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
-              reward_fn: rewards.RewardFn, ref_model: Any, progress: str = "eval",
+              reward_fn: rewards.RewardFn, ref_model: Any, sampler: Sampler, progress: str = "eval",
               k: int | None = None) -> dict[str, Any]:
     """``evaluate`` with the config's settings, seeded here so a result does not depend on what ran before."""
     torch.manual_seed(cfg.seed)
     return evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=k or cfg.k, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
-                    ref_model=ref_model, on_reward_error=cfg.on_reward_error, progress=progress)
+                    ref_model=ref_model, on_reward_error=cfg.on_reward_error, progress=progress, sampler=sampler)

@@ -35,6 +35,8 @@ class Rollout:
     completions: list[str]  # decoded responses, special tokens removed
     truncated: list[bool] = field(default_factory=list)  # hit max_new_tokens before EOS
     rewards: list[float] = field(default_factory=list)  # set by collect(); NaN where on_reward_error skipped
+    # per-token log-probs of the response tokens as the engine computed them (vLLM); empty when it gives none
+    sampler_logp: list[list[float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_index)
@@ -42,7 +44,8 @@ class Rollout:
     def select(self, rows: list[int]) -> Rollout:
         return Rollout([self.prompt_index[i] for i in rows], [self.prompt_tokens[i] for i in rows],
                        [self.response_tokens[i] for i in rows], [self.completions[i] for i in rows],
-                       [self.truncated[i] for i in rows], [self.rewards[i] for i in rows] if self.rewards else [])
+                       [self.truncated[i] for i in rows], [self.rewards[i] for i in rows] if self.rewards else [],
+                       [self.sampler_logp[i] for i in rows] if self.sampler_logp else [])
 
     @property
     def lengths(self) -> list[int]:

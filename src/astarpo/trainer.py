@@ -31,8 +31,9 @@ from safetensors.torch import save_model
 from . import rewards
 from .config import TrainConfig, to_dict
 from .data import load_prompts
+from .engines import make_sampler
 from .evaluate import evaluate
-from .generation import HFSampler, Rollout, SamplingParams, collate, collect, response_logprobs, token_logprobs
+from .generation import Rollout, SamplingParams, collate, collect, response_logprobs, token_logprobs
 from .models import ValueModel, add_lora, content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .objectives import OBJECTIVES, Batch
 from .rundir import (
@@ -102,7 +103,7 @@ class Trainer:
             self.eval_records, self.eval_prompt_ids = load_prompts(self.tokenizer, cfg, cfg.eval_data,
                                                                    cfg.eval_split, cfg.eval_limit)
         self._build_models()
-        self.sampler = HFSampler(acc.unwrap_model(self.policy), self.tokenizer, self.eos, cfg.generation_batch_size)
+        self.sampler = make_sampler(cfg, self.model_dir, self.tokenizer, acc.unwrap_model(self.policy))
         self.params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         self.checkpoints = Checkpoints(self.out / "checkpoints", cfg.keep_checkpoints, acc.is_main_process,
                                        acc.wait_for_everyone)
@@ -261,6 +262,8 @@ class Trainer:
             columns["log_ratio"] = sampled_logp - (data.ref_logp * data.mask).sum(-1)
         if data.v_star is not None:
             columns["v_star"] = data.v_star
+        if roll.sampler_logp:  # the engine's log-probs (vLLM) against the training model's, per sequence
+            columns["sampler_logp_diff"] = (torch.tensor([sum(x) for x in roll.sampler_logp]) - sampled_logp).abs()
         per_sample = torch.stack(list(columns.values()), 1)[valid.repeat_interleave(G)]
         per_prompt, n_tokens = losses[valid], float(sum(roll.lengths))
         if self.accelerator.num_processes > 1:
@@ -268,12 +271,17 @@ class Trainer:
             per_prompt = torch.cat(gather_object([per_prompt]))
             n_tokens = sum(gather_object([n_tokens]))
         means = dict(zip(columns, per_sample.mean(0).tolist()))
+        if "sampler_logp_diff" in columns:
+            means["sampler_logp_diff_max"] = float(per_sample[:, list(columns).index("sampler_logp_diff")].max())
         metrics = {"reward": means["reward"]}
         if "v_star" in means:
             metrics.update(v_star=means["v_star"], advantage=means["reward"] - means["v_star"])
         metrics["loss"] = float(per_prompt.mean())
         if "log_ratio" in means:
             metrics.update(log_ratio=means["log_ratio"], kl=means["log_ratio"])
+        if "sampler_logp_diff" in means:
+            metrics.update(sampler_logp_diff=means["sampler_logp_diff"],
+                           sampler_logp_diff_max=means["sampler_logp_diff_max"])
         return {
             **metrics, "response_length": means["response_length"], "truncated": means["truncated"],
             "grad_norm": grad_norm, "skipped_samples": (prompts - len(per_prompt)) * G, "samples": prompts * G,
@@ -308,7 +316,8 @@ class Trainer:
         with self.accelerator.autocast():
             return evaluate(self.accelerator.unwrap_model(self.policy), self.tokenizer, self.eval_records,
                             self.eval_prompt_ids, self.reward_fn, max_new_tokens=self.cfg.max_new_tokens,
-                            batch_size=self.cfg.generation_batch_size, on_reward_error=self.cfg.on_reward_error)
+                            batch_size=self.cfg.generation_batch_size, on_reward_error=self.cfg.on_reward_error,
+                            sampler=self.sampler)
 
     # ----- the loop, checkpoints, resume -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -317,6 +326,8 @@ class Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         start = self._resume()
+        if start:  # an engine with its own copy of the weights (vLLM) still holds the reference's
+            self.sampler.load_weights(acc.unwrap_model(self.policy))
         acc.init_trackers("astarpo", config={k: v for k, v in to_dict(cfg).items()
                                              if isinstance(v, (int, float, str, bool))})
         if start == 0 and self.eval_records:
@@ -333,7 +344,11 @@ class Trainer:
             bar.set_postfix({k: f"{metrics[k]:.2f}" for k in ("reward", "kl", "step_seconds") if k in metrics})
             if (step + 1) % cfg.save_every == 0 or step + 1 == self.steps:
                 self.checkpoints.save(step + 1, acc.save_state, lambda d, s=step + 1: self._write_run_file(d, s))
-        acc.end_training()
+        if acc.num_processes > 1:
+            acc.end_training()  # trackers, and the process group accelerate joined
+        else:  # a process group here is a vLLM engine's own (a world of one), which outlives this run
+            for tracker in acc.trackers:
+                tracker.finish()
         if acc.is_main_process:
             with atomic_path(self.out / "final") as tmp:  # a final/ that exists is complete
                 acc.unwrap_model(self.policy).save_pretrained(tmp, safe_serialization=True)

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from . import __version__, rewards
 from .config import CommonConfig, ValuesConfig
 from .data import load_prompts
-from .generation import HFSampler, SamplingParams, collect, sampling_settings
-from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model, tokenizer_hash
+from .engines import make_sampler
+from .generation import Sampler, SamplingParams, collect, sampling_settings
+from .models import content_hash, load_model, load_tokenizer, resolve_model, tokenizer_hash
 from .rundir import atomic_path, check_writable, diff_settings
 from .utils import cpu_processes
 
@@ -153,7 +154,8 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         "format_version": FORMAT_VERSION, "astarpo_version": __version__,
         **reference_provenance(cfg, model_dir, reward_name), "n": cfg.n, "seed": cfg.seed, "data": cfg.data,
         "split": cfg.split, "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens,
-        "shard_size": cfg.shard_size, "dtype": cfg.dtype,
+        "shard_size": cfg.shard_size, "engine": cfg.engine,
+        "dtype": cfg.vllm_dtype or cfg.dtype if cfg.engine == "vllm" else cfg.dtype,
     }
     if cfg.adaptive:  # only then, so that files from fixed-N runs keep matching their settings
         provenance.update(n=None, adaptive=True, round_size=cfg.round_size, n_max=cfg.n_max, beta1=cfg.beta1,
@@ -192,8 +194,10 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     todo = [k for k in mine if not (shards_dir / f"shard-{k:05d}.parquet").exists()]
     start = time.perf_counter()
     if todo:
-        model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
-        sampler = HFSampler(model, tokenizer, eos_ids(model, tokenizer), cfg.generation_batch_size)
+        model = None  # vLLM loads the weights itself
+        if cfg.engine == "hf":
+            model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
+        sampler = make_sampler(cfg, model_dir, tokenizer, model)
         my_prompts = sum(min(cfg.shard_size, len(records) - k * cfg.shard_size) for k in mine)
         done_samples = (len(mine) - len(todo)) * cfg.shard_size * per_prompt
         with tqdm(total=my_prompts * per_prompt, initial=min(done_samples, my_prompts * per_prompt),
@@ -224,7 +228,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     return out
 
 
-def _sample_shard(cfg: ValuesConfig, sampler: HFSampler, records: list[dict], prompt_ids: list[list[int]],
+def _sample_shard(cfg: ValuesConfig, sampler: Sampler, records: list[dict], prompt_ids: list[list[int]],
                   reward_name: str, reward_fn: rewards.RewardFn, seed: int, progress: Any) -> tuple[pa.Table, int]:
     """One shard's rows and the number of samples drawn. Fixed N is a single round of ``n``; adaptive draws
     rounds of ``round_size`` for the prompts not yet stopped. Seeded once, so the rounds are deterministic."""

