@@ -14,6 +14,7 @@ from pathlib import Path
 from .bench import BenchError
 from .config import BenchConfig, ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
 from .data import DataError
+from .distributed import StrategyError
 from .report import ReportError
 from .rewards import RewardError
 from .rundir import OutputError
@@ -28,8 +29,8 @@ COMMANDS = {
                            "accuracy and KL side by side"),
 }
 # One-line errors for what the user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (BenchError, ConfigError, DataError, OutputError, ReportError, RewardError, TrainError, ValuesError,
-               FileNotFoundError, KeyError)
+USER_ERRORS = (BenchError, ConfigError, DataError, OutputError, ReportError, RewardError, StrategyError, TrainError,
+               ValuesError, FileNotFoundError, KeyError)
 log = logging.getLogger("astarpo")
 
 

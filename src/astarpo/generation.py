@@ -136,13 +136,14 @@ _CHUNK_LOGITS = 2**26
 def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
     """Per-token log pi(y_t | x, y_<t) at temperature 1, zero outside the response mask; shape [B, R].
 
-    Full float32 logits are never materialised. The model (DDP-, DeepSpeed- or peft-wrapped alike: its own
-    forward runs, so gradient hooks and sharding work as usual) computes hidden states; a pre-hook on its output
-    embedding (the lm_head, tied or not, LoRA-wrapped or not) keeps only the R+1 positions that predict
-    response tokens (``logits_to_keep``) and hands the head an empty slice, so the forward pass itself makes no
-    logits. Then, for the response tokens only (padding skipped), the head runs on ``chunk_tokens`` tokens at a
-    time, each chunk upcast to float32 for log-softmax. With gradients, each chunk is recomputed in backward
-    (activation checkpointing), so the autograd graph holds one float per token, not a row of V logits.
+    Full float32 logits are never materialised. The model (DDP-, FSDP2-, DeepSpeed- or peft-wrapped alike) runs
+    its own forward pass, in which its output embedding (the lm_head, tied or not, LoRA-wrapped or not) gets, for
+    this call only, a forward that turns the hidden states of the response tokens (``logits_to_keep`` keeps the
+    R+1 positions that predict them; padding is skipped) into their log-probs, ``chunk_tokens`` tokens at a
+    time, each chunk upcast to float32 for log-softmax. The head is still called as a module, so FSDP2 and
+    DeepSpeed gather its sharded weight around it (in backward too), and its result is the model's output. With
+    gradients, each chunk is recomputed in backward (activation checkpointing), so the autograd graph holds one
+    float per token, not a row of V logits.
 
     Peak memory beyond the backbone's: the plain way keeps [B, R, V] logits in the compute dtype plus a float32
     copy and the log-softmax's temporaries (for Qwen2.5, V = 151,936, micro-batch 8 x 1024 response tokens:
@@ -154,40 +155,44 @@ def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: 
     if head is None:
         return _plain_logprobs(model, batch)
     R = batch["response_mask"].shape[1]
-    captured: list[torch.Tensor] = []
-
-    def keep_hidden(_module: Any, args: tuple) -> tuple:
-        device = args[0].device.type
-        captured.append((args[0], torch.autocast(device, torch.get_autocast_dtype(device),
-                                                 enabled=torch.is_autocast_enabled(device))))
-        return (args[0][:, :0], *args[1:])  # the head computes nothing inside the forward pass
-
-    handle = head.register_forward_pre_hook(keep_hidden)
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"{type(head).__name__}, the output embedding, was not called by the model's forward")
-    hidden, autocast = captured[0]  # the head runs in the forward pass's precision (accelerate's autocast)
-    hidden = hidden[:, :-1]  # [B, R, H]: position t predicts response token t
     mask = batch["response_mask"].bool()
-    h, targets = hidden[mask], batch["input_ids"][:, -R:][mask]  # response tokens only: [N, H], [N]
+    targets = batch["input_ids"][:, -R:][mask]  # response tokens only: [N]
     step = chunk_tokens or max(1, _CHUNK_LOGITS // max(1, _vocab_size(model, head)))
-    grad = torch.is_grad_enabled() and h.requires_grad
-    parts = []
-    with autocast:
-        for i in range(0, len(targets), step):
-            args = (head, h[i : i + step], targets[i : i + step])
-            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
-                         else _chunk_logprobs(*args))
-    token_logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, token_logp)
+    logits_of = head.forward  # the head's own computation, e.g. F.linear(h, W) or LoRA's
+    called = []
+
+    def token_logprobs(hidden: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        called.append(True)
+        h = hidden[:, :-1][mask]  # [N, H]: position t predicts response token t
+        grad = torch.is_grad_enabled() and h.requires_grad
+        parts = [torch.utils.checkpoint.checkpoint(_chunk_logprobs, logits_of, h[i : i + step], targets[i : i + step],
+                                                   use_reentrant=False) if grad
+                 else _chunk_logprobs(logits_of, h[i : i + step], targets[i : i + step])
+                 for i in range(0, len(targets), step)]
+        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+
+    own = head.__dict__.get("forward")  # an instance-level forward set by someone else, restored below
+    head.forward = token_logprobs
+    try:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    token_logp = out.logits
+    if not called:
+        raise RuntimeError(f"{type(head).__name__}, the output embedding, was not called by the model's forward")
+    if token_logp.shape != targets.shape:
+        raise RuntimeError(f"{type(model).__name__} changes its logits after the output embedding; add its config "
+                           "attribute to astarpo.generation._LOGIT_TRANSFORMS")
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, token_logp.float())
 
 
-def _chunk_logprobs(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+def _chunk_logprobs(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    logits = logits_of(hidden).float()
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -282,7 +287,7 @@ def _cache_kwarg() -> str:
 
 
 def _generate_shared_prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
-                             gen_config: Any) -> torch.Tensor:
+                             gen_config: Any, synced: bool = False) -> torch.Tensor:
     """generate() with ``num_return_sequences=n``, but each prompt is prefilled once, not ``n`` times.
 
     The first P-1 prompt tokens go through the model once; their KV cache is repeated ``n`` times along the
@@ -301,7 +306,18 @@ def _generate_shared_prefill(model: Any, input_ids: torch.Tensor, attention_mask
     gen_config.num_return_sequences = 1
     return model.generate(input_ids=input_ids.repeat_interleave(n, dim=0),
                           attention_mask=attention_mask.repeat_interleave(n, dim=0), generation_config=gen_config,
-                          **{_cache_kwarg(): cache})
+                          synced_gpus=synced, **{_cache_kwarg(): cache})
+
+
+def _sharded(model: Any) -> bool:
+    """Weights sharded over processes (FSDP2, DeepSpeed ZeRO-3) are gathered by collectives in every forward pass:
+    a process whose responses have all ended keeps stepping (``synced_gpus``) until every process is done."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return isinstance(model, FSDPModule) or any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 @torch.no_grad()
@@ -337,6 +353,7 @@ def sample(
                                   num_return_sequences=n, eos_token_id=eos, pad_token_id=pad_id, use_cache=True,
                                   return_dict_in_generate=False)
     _check_nothing_inherited(model, gen_config)
+    synced = _sharded(model)
     per_call = max(1, batch_size // n)
     order = sorted(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
     rows: dict[int, list[tuple[list[int], bool]]] = {}
@@ -353,9 +370,10 @@ def sample(
             attention_mask[j, P - len(prompt_tokens[i]) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if shared_prefill and n > 1:
-            out = _generate_shared_prefill(model, input_ids, attention_mask, n, gen_config)
+            out = _generate_shared_prefill(model, input_ids, attention_mask, n, gen_config, synced)
         else:
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
+                                 synced_gpus=synced)
         gen = out[:, P:].tolist()
         for j, i in enumerate(idx):
             rows[i] = [_trim(g, eos_set) for g in gen[j * n : (j + 1) * n]]

@@ -219,6 +219,7 @@ class ValueModel(torch.nn.Module):
         self.backbone = AutoModel.from_pretrained(model_dir, dtype=getattr(torch, dtype),
                                                   trust_remote_code=trust_remote_code, use_safetensors=True)
         self.head = torch.nn.Linear(self.backbone.config.hidden_size, 1, dtype=getattr(torch, dtype))
+        self._no_split_modules = self.backbone._no_split_modules  # FSDP wraps the same decoder layers
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 

@@ -9,7 +9,9 @@ with V* from Stage 1. No critic, no clipping, no group of samples. The baselines
 in the same loop: the objective (``objectives.py``) says how many responses per prompt it samples and which
 per-step inputs it reads, and turns them into one loss per prompt. A step is :meth:`Trainer.train_step`:
 collect (sample, score), compute the objective's inputs, update. Checkpoints are Hugging Face model directories
-plus accelerate's optimizer and RNG state, so a killed run resumes where its last checkpoint was.
+plus accelerate's optimizer and RNG state (under FSDP2 and DeepSpeed: accelerate's sharded formats), so a killed
+run resumes where its last checkpoint was. Several processes run DDP, FSDP2 or DeepSpeed ZeRO-2/3, as the
+accelerate config says (``distributed.py``).
 """
 
 from __future__ import annotations
@@ -23,14 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_model as load_model_state
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 
 from . import rewards
 from .config import TrainConfig, to_dict
 from .data import load_prompts
+from .distributed import (
+    as_float,
+    check_supported,
+    full_state_dict,
+    make_accelerator,
+    prepare_reference,
+    strategy,
+)
 from .engines import make_sampler
 from .evaluate import evaluate
 from .generation import Rollout, SamplingParams, collate, collect, response_logprobs, token_logprobs
@@ -45,7 +54,7 @@ from .rundir import (
     truncate_jsonl,
     write_json_atomic,
 )
-from .utils import cpu_processes, peak_memory_mb
+from .utils import peak_memory_mb
 from .values import check_provenance, load_v_star, read_values, reference_provenance
 
 log = logging.getLogger(__name__)
@@ -74,16 +83,15 @@ class Trainer:
         check_writable(self.out)  # before any model loading or sampling
         check_same_settings(self.out / CONFIG_FILE, {k: v for k, v in to_dict(cfg).items() if k in _RUN_KEYS},
                             "resume with the same settings or choose another --output-dir")
-        self.accelerator = acc = Accelerator(log_with=cfg.report_names or None, project_dir=self.out,
-                                             mixed_precision=cfg.mixed_precision, cpu=cpu_processes())
-        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # issue #13
-            raise TrainError(f"{acc.distributed_type.value} is not supported by the trainer yet (it would step "
-                             "DeepSpeed per micro-batch and save empty ZeRO-3 weights); use DDP, with --lora-rank "
-                             "for large models (`astarpo plan` gives the memory)")
+        self.accelerator = acc = make_accelerator(
+            micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm, log_with=cfg.report_names or None,
+            project_dir=self.out, mixed_precision=cfg.mixed_precision)
+        self.strategy = strategy(acc)
         set_seed(cfg.seed)
         self.objective = OBJECTIVES[cfg.algo](
             cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size, gae_lambda=cfg.gae_lambda,
             all_sum=lambda t: acc.reduce(t.to(acc.device), "sum").cpu() if acc.num_processes > 1 else t)
+        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine, lora=bool(cfg.lora_rank))
         self.model_dir = resolve_model(cfg.model)
         self.ref_hash = content_hash(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
@@ -94,10 +102,10 @@ class Trainer:
             self.records, self.prompt_ids = [self.records[i] for i in keep], [self.prompt_ids[i] for i in keep]
         self.steps = cfg.steps or math.ceil(len(self.records) / cfg.batch_size)
         world, mini = acc.num_processes, cfg.mini_batch_size or cfg.batch_size
-        smallest = min(mini, cfg.batch_size % mini or mini)
-        if smallest < world:  # every process needs a sample in every mini-batch to take part in the update
-            raise TrainError(f"a mini-batch of {smallest} samples cannot be split over {world} processes; make "
-                             "batch_size and mini_batch_size multiples of the number of processes")
+        if cfg.batch_size % world or mini % world:  # every process takes an equal share of every mini-batch (under
+            # FSDP2 and ZeRO-3 each forward pass is a collective that all processes must join)
+            raise TrainError(f"batch_size {cfg.batch_size} and mini_batch_size {mini} must be multiples of the "
+                             f"number of processes ({world})")
         self.eval_records, self.eval_prompt_ids = [], []
         if cfg.eval_data:
             self.eval_records, self.eval_prompt_ids = load_prompts(self.tokenizer, cfg, cfg.eval_data,
@@ -142,21 +150,19 @@ class Trainer:
         if cfg.lora_rank:
             policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
         elif "ref_logp" in obj.inputs:
-            self.ref = load_model(self.model_dir, cfg.dtype, cfg.trust_remote_code).requires_grad_(False).eval()
-            self.ref.to(acc.device)
+            ref = load_model(self.model_dir, cfg.dtype, cfg.trust_remote_code).requires_grad_(False).eval()
+            self.ref = prepare_reference(acc, ref)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                       weight_decay=cfg.weight_decay)
+        self.policy, self.optimizer = acc.prepare(policy, optimizer)
         self.critic = self.critic_optimizer = None
-        if obj.trains_critic:  # its own optimizer, learning rate and clipping
+        if obj.trains_critic:  # its own optimizer, learning rate and clipping; prepared alone (FSDP2: one per call)
             critic = ValueModel(self.model_dir, cfg.dtype, cfg.trust_remote_code)
             if cfg.gradient_checkpointing:
                 critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate,
                                                  weight_decay=cfg.weight_decay)
-            self.policy, self.critic, self.optimizer, self.critic_optimizer = acc.prepare(
-                policy, critic, optimizer, critic_optimizer)
-        else:
-            self.policy, self.optimizer = acc.prepare(policy, optimizer)
+            self.critic, self.critic_optimizer = acc.prepare(critic, critic_optimizer)
         acc.register_save_state_pre_hook(self._save_model_hook)
         acc.register_load_state_pre_hook(self._load_model_hook)
 
@@ -195,11 +201,12 @@ class Trainer:
             "ref_logp": lambda: self.reference_logprobs(roll),
             "old_logp": lambda: token_logprobs(policy, roll, pad, micro),
             "old_values": lambda: token_logprobs(self.accelerator.unwrap_model(self.critic), roll, pad, micro,
-                                                 ValueModel.forward),
+                                                 lambda critic, batch: critic(batch)),  # FSDP2 hooks on __call__
         }
+        # In one fixed order on every process: under FSDP2 and ZeRO-3 each forward pass is a collective.
+        needed = self.objective.needs(several_updates)
         with self.accelerator.autocast():
-            return Batch(mask=mask, reward=reward,
-                         **{k: compute[k]() for k in self.objective.needs(several_updates)})
+            return Batch(mask=mask, reward=reward, **{k: f() for k, f in compute.items() if k in needed})
 
     def update(self, roll: Rollout, data: Batch, valid: torch.Tensor, minis: list[list[int]]
                ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -241,15 +248,33 @@ class Trainer:
                     if mb.old_logp is None:  # first update: the sampling policy is the current one
                         mb.old_logp = logp.detach()
                     loss = obj.loss(mb) * valid[sub]
-                    acc.backward(loss.sum() * acc.num_processes / count)
+                    self._backward(loss.sum() * acc.num_processes / count, last=u == len(micros) - 1)
                 sampled_logp[rows] = (mb.old_logp * mb.mask).sum(-1)
                 losses[sub] = loss.detach()
-            grad_norms.append(float(acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)))
-            if self.critic is not None:
-                acc.clip_grad_norm_(self.critic.parameters(), cfg.critic_max_grad_norm)
-            for optimizer in optimizers:
-                optimizer.step()
+            grad_norms.append(self._step(optimizers))
         return losses, sampled_logp, sum(grad_norms) / len(grad_norms)
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate gradients; DeepSpeed is told which micro-batch closes the mini-batch (accelerate would
+        step its engine after every backward)."""
+        if self.strategy.startswith("zero"):
+            self.policy.set_gradient_accumulation_boundary(last)
+            self.policy.backward(loss)
+        else:
+            self.accelerator.backward(loss)
+
+    def _step(self, optimizers: list) -> float:
+        """One clipped AdamW step per model; the policy's gradient norm before clipping."""
+        cfg, acc = self.cfg, self.accelerator
+        if self.strategy.startswith("zero"):  # clips at gradient_clipping (= max_grad_norm), steps, zeroes
+            self.policy.step()
+            return as_float(self.policy.get_global_grad_norm())
+        norm = as_float(acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
+        if self.critic is not None:
+            acc.clip_grad_norm_(self.critic.parameters(), cfg.critic_max_grad_norm)
+        for optimizer in optimizers:
+            optimizer.step()
+        return norm
 
     def _metrics(self, roll: Rollout, data: Batch, valid: torch.Tensor, losses: torch.Tensor,
                  sampled_logp: torch.Tensor, grad_norm: float, prompts: int, gen_seconds: float,
@@ -344,15 +369,17 @@ class Trainer:
             bar.set_postfix({k: f"{metrics[k]:.2f}" for k in ("reward", "kl", "step_seconds") if k in metrics})
             if (step + 1) % cfg.save_every == 0 or step + 1 == self.steps:
                 self.checkpoints.save(step + 1, acc.save_state, lambda d, s=step + 1: self._write_run_file(d, s))
+        weights = full_state_dict(acc, self.policy)  # on every process: sharded weights are gathered to rank 0
+        if acc.is_main_process:
+            with atomic_path(self.out / "final") as tmp:  # a final/ that exists is complete
+                acc.unwrap_model(self.policy).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                self._write_run_file(tmp, self.steps)
         if acc.num_processes > 1:
+            acc.wait_for_everyone()  # rank 0 has written final/; no process leaves with a collective in flight
             acc.end_training()  # trackers, and the process group accelerate joined
         else:  # a process group here is a vLLM engine's own (a world of one), which outlives this run
             for tracker in acc.trackers:
                 tracker.finish()
-        if acc.is_main_process:
-            with atomic_path(self.out / "final") as tmp:  # a final/ that exists is complete
-                acc.unwrap_model(self.policy).save_pretrained(tmp, safe_serialization=True)
-                self._write_run_file(tmp, self.steps)
         return metrics
 
     def _resume(self) -> int:
@@ -379,13 +406,23 @@ class Trainer:
             "step": step, "algo": self.cfg.algo, "beta1": self.cfg.beta1, "beta2": self.cfg.beta2})
 
     def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
-        # Write the policy as a Hugging Face directory instead of accelerate's bare state dict.
-        if self.accelerator.is_main_process:
-            for m in map(self.accelerator.unwrap_model, models):
-                if isinstance(m, ValueModel):
-                    save_model(m, str(Path(output_dir) / CRITIC_FILE))
+        # Every checkpoint holds the policy as a Hugging Face directory (PPO's critic beside it), which `astarpo
+        # eval` reads. Under DDP it replaces accelerate's bare state dict; under FSDP2 and DeepSpeed accelerate has
+        # saved its sharded format already (what a resume loads), and this copy is gathered on every process.
+        acc, sharded = self.accelerator, self.strategy not in ("single", "ddp")
+        for model in models:
+            state = full_state_dict(acc, model) if sharded else None
+            if not acc.is_main_process:
+                continue
+            m = acc.unwrap_model(model)
+            if isinstance(m, ValueModel):
+                path = str(Path(output_dir) / CRITIC_FILE)
+                if state is None:
+                    save_model(m, path)
                 else:
-                    m.save_pretrained(output_dir, safe_serialization=True)
+                    save_file(state, path)
+            else:
+                m.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
         weights.clear()
 
     def _load_model_hook(self, models: list, input_dir: str) -> None:

@@ -9,7 +9,9 @@ sampling again. The output is one parquet file, one row per prompt (``id``, ``re
 Work is done in shards of prompts, each written atomically and seeded by its own index, so a killed run
 restarted with the same settings skips finished shards and ends with exactly the rows of an uninterrupted run.
 Under ``accelerate launch`` shard k is sampled by process k % world_size and rank 0 merges the shards; since a
-shard's samples depend only on its seed, the file is the same whatever the number of processes.
+shard's samples depend only on its seed, the file is the same whatever the number of processes. Sampling needs no
+gradients or optimizer state, so under an FSDP2 or DeepSpeed config each process still holds a whole copy of the
+reference (in bfloat16, 15 GB for a 7B model) and samples its shards alone.
 
 Adaptive Stage 1 (``adaptive=True``, 0/1 rewards) samples in rounds of ``round_size`` and stops drawing for a
 prompt once :func:`adaptive_stop` says its V* is settled, or at ``n_max``. Rows then hold different numbers of
@@ -37,6 +39,7 @@ from tqdm.auto import tqdm
 from . import __version__, rewards
 from .config import CommonConfig, ValuesConfig
 from .data import load_prompts
+from .distributed import whole_weights_on_every_process
 from .engines import make_sampler
 from .generation import Sampler, SamplingParams, collect, sampling_settings
 from .models import content_hash, load_model, load_tokenizer, resolve_model, tokenizer_hash
@@ -196,7 +199,8 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     if todo:
         model = None  # vLLM loads the weights itself
         if cfg.engine == "hf":
-            model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
+            with whole_weights_on_every_process():  # sampling only: a whole copy per process, no FSDP
+                model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
         sampler = make_sampler(cfg, model_dir, tokenizer, model)
         my_prompts = sum(min(cfg.shard_size, len(records) - k * cfg.shard_size) for k in mine)
         done_samples = (len(mine) - len(todo)) * cfg.shard_size * per_prompt

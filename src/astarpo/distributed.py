@@ -1,0 +1,168 @@
+"""Several processes: which strategy the launch asked for, and what sharded strategies need beyond DDP.
+
+The strategy comes from the accelerate config, as accelerate's users expect (``configs/accelerate/``): DDP,
+FSDP2, or DeepSpeed ZeRO-2/3. What differs from DDP lives here, so that the trainer reads the same for all:
+
+- **No CUDA.** accelerate 1.15 runs FSDP and DeepSpeed on accelerators only (on a CPU-only machine an FSDP
+  config silently becomes plain data parallelism, and DeepSpeed needs ``cpu=False``). :func:`make_accelerator`
+  joins the processes over gloo and keeps the strategy the config asked for, so that the CPU tests run the very
+  code a GPU cluster runs.
+- **The reference model** is sharded like the policy (FSDP2: accelerate's own ``fully_shard`` wrapping; ZeRO-3: a
+  DeepSpeed inference engine), not a whole copy on every process. Under ZeRO-2 the policy's weights are whole
+  on every process by design, and so are the reference's.
+- **Lockstep.** FSDP2 and ZeRO-3 gather weights with collectives inside every forward pass, so every process must
+  run the same number of forward passes (``generate(synced_gpus=True)`` keeps finished processes stepping).
+- **Saving.** A sharded model's whole weights exist on no process: every process takes part in gathering them
+  (:func:`full_state_dict`), rank 0 writes a Hugging Face directory. Checkpoints hold accelerate's own format
+  for the strategy as well (what a resume loads: the sharded AdamW state included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from .utils import cpu_processes
+
+STRATEGIES = ("single", "ddp", "fsdp2", "zero2", "zero3")
+
+
+class StrategyError(RuntimeError):
+    """The launch asks for a strategy or combination that astarpo does not run; the message says what to use."""
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def make_accelerator(*, micro_batch_size: int, max_grad_norm: float, **kwargs: Any) -> Accelerator:
+    """An ``Accelerator`` for the strategy the launch's accelerate config names, on GPUs or on CPUs alike.
+
+    DeepSpeed takes its per-process micro-batch and gradient clipping from astarpo's settings (one optimizer
+    step per mini-batch, clipped at ``max_grad_norm``), whatever the config file's "auto" values would give.
+    """
+    multi_cpu = cpu_processes()
+    if _env_true("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise StrategyError("FSDP1 is not supported; set fsdp_version: 2 in the accelerate config "
+                            "(configs/accelerate/fsdp2_1node_8gpu.yaml)")
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        if multi_cpu:  # DeepSpeed's CPU accelerator, with the process group over gloo
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+        acc = Accelerator(**kwargs)
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=1,
+                  gradient_clipping=max_grad_norm)
+        if ds.get("zero_optimization", {}).get("stage") == 3:  # the final model is gathered, not left as shards
+            ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        return acc
+    acc = Accelerator(cpu=multi_cpu, **kwargs)
+    if multi_cpu and _env_true("ACCELERATE_USE_FSDP"):
+        from accelerate import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # from the config's FSDP_* variables, as accelerate reads it
+        if acc.mixed_precision != "no":
+            plugin.set_mixed_precision(acc.mixed_precision)
+        acc.state.fsdp_plugin = plugin
+        # as accelerate records it on GPUs: in both states, since AcceleratorState() re-reads PartialState's
+        acc.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    return acc
+
+
+def strategy(acc: Accelerator) -> str:
+    """One of :data:`STRATEGIES`."""
+    if acc.distributed_type == DistributedType.FSDP:
+        return "fsdp2"
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return f"zero{acc.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if acc.num_processes > 1 else "single"
+
+
+def check_supported(acc: Accelerator, *, critic: bool, engine: str, lora: bool) -> None:
+    """Refuse, before any model loads, what the strategy cannot do yet."""
+    name = strategy(acc)
+    if lora and name == "fsdp2":
+        raise StrategyError("LoRA under FSDP2 is not supported: peft's generate() calls the inner model, around "
+                            "the FSDP root, whose weights stay sharded; run LoRA under DDP, ZeRO-2 or ZeRO-3")
+    if name in ("zero0", "zero1"):
+        raise StrategyError(f"DeepSpeed ZeRO stage {name[-1]} is not supported; use zero_stage 2 or 3")
+    if critic and name.startswith("zero"):
+        raise StrategyError("PPO's critic under DeepSpeed needs a second DeepSpeed engine, which astarpo does not "
+                            "set up; run PPO under FSDP2 or DDP")
+    if engine != "hf" and name in ("fsdp2", "zero3"):
+        raise StrategyError(f"--engine {engine} needs the policy's whole weights after every step, which {name} "
+                            "keeps on no process; use --engine hf, or DDP/ZeRO-2")
+
+
+def in_lockstep(acc: Accelerator) -> bool:
+    """Weights gathered inside every forward pass: all processes must run the same forward passes."""
+    return acc.num_processes > 1 and strategy(acc) in ("fsdp2", "zero3")
+
+
+def prepare_reference(acc: Accelerator, model: Any) -> Any:
+    """The frozen reference copy, sharded like the policy (not registered with accelerate: never saved)."""
+    name = strategy(acc)
+    if name == "fsdp2":
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(acc, model)
+    if name == "zero3":
+        import deepspeed
+
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        config = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+                  "zero_optimization": {"stage": 3}, "bf16": {"enabled": acc.mixed_precision == "bf16"},
+                  "fp16": {"enabled": acc.mixed_precision == "fp16"}}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+    return model.to(acc.device)
+
+
+@contextlib.contextmanager
+def whole_weights_on_every_process() -> Iterator[None]:
+    """Load a model whole on every process. Under an FSDP config with cpu_ram_efficient_loading, transformers
+    loads the weights on rank 0 only (the others get empty 'meta' tensors until FSDP broadcasts them), which only
+    FSDP's own preparation repairs: a model used unwrapped (Stage 1's sampler) needs its weights everywhere."""
+    old = os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = old
+
+
+def full_state_dict(acc: Accelerator, model: Any) -> dict[str, torch.Tensor]:
+    """The model's whole weights on rank 0 (empty elsewhere), on the CPU; every process must call it.
+
+    FSDP2 is gathered here one tensor at a time (torch's get_model_state_dict, which accelerate calls, hands
+    back the shards on a CPU mesh). A tied weight (lm_head.weight of a model that ties it to the input embedding)
+    is kept once, under its first name, as save_pretrained does: DeepSpeed's copies no longer share storage.
+    """
+    unique = {n for n, _ in acc.unwrap_model(model).named_parameters()}
+    unique |= {n for n, _ in acc.unwrap_model(model).named_buffers()}
+    if strategy(acc) != "fsdp2":
+        return {k: v for k, v in (acc.get_state_dict(model) or {}).items() if k in unique}  # None off rank 0
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, value in model.state_dict().items():
+        if name not in unique:
+            continue
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if acc.is_main_process:
+            out[name] = full.cpu()
+    return out
+
+
+def as_float(x: Any) -> float:
+    """A gradient norm as a float: FSDP2 returns a replicated DTensor."""
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x)
