@@ -84,12 +84,9 @@ def strategy(acc: Accelerator) -> str:
     return "ddp" if acc.num_processes > 1 else "single"
 
 
-def check_supported(acc: Accelerator, *, critic: bool, engine: str, lora: bool) -> None:
+def check_supported(acc: Accelerator, *, critic: bool, engine: str) -> None:
     """Refuse, before any model loads, what the strategy cannot do yet."""
     name = strategy(acc)
-    if lora and name == "fsdp2":
-        raise StrategyError("LoRA under FSDP2 is not supported: peft's generate() calls the inner model, around "
-                            "the FSDP root, whose weights stay sharded; run LoRA under DDP, ZeRO-2 or ZeRO-3")
     if name in ("zero0", "zero1"):
         raise StrategyError(f"DeepSpeed ZeRO stage {name[-1]} is not supported; use zero_stage 2 or 3")
     if critic and name.startswith("zero"):

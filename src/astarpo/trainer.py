@@ -91,7 +91,7 @@ class Trainer:
         self.objective = OBJECTIVES[cfg.algo](
             cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size, gae_lambda=cfg.gae_lambda,
             all_sum=lambda t: acc.reduce(t.to(acc.device), "sum").cpu() if acc.num_processes > 1 else t)
-        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine, lora=bool(cfg.lora_rank))
+        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine)
         self.model_dir = resolve_model(cfg.model)
         self.ref_hash = content_hash(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
