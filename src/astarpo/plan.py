@@ -5,7 +5,8 @@ The formula counts what a training process holds at its peak (bytes per GPU):
     weights + gradients + optimizer state + reference + max(micro-batch, optimizer step, generation)
 
 where the micro-batch term is the autocast copies or gathered layers, the activations saved for backward and the
-log-prob chunk; generation is HF generate's KV cache for ``generation_batch_size`` sequences. Under DDP and
+log-prob chunk; generation is HF generate's KV cache for ``generation_batch_size`` sequences (under FSDP2 plus
+the whole bf16 weights, gathered once for sampling). Under DDP and
 FSDP2 the trainer keeps float32 master weights and runs the forward pass under bf16 autocast; under DeepSpeed
 (ZeRO-2/3) the engine holds bf16 weights and its optimizer the float32 master copy and the two AdamW moments (ZeRO
 paper's accounting, 2 + 2 + 12 bytes per parameter). Sharded strategies divide their sharded terms by the GPU
@@ -155,10 +156,12 @@ def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, p
         out["activations"] = kept + tokens * s.layers * per_layer
         out["micro_batch"] = out["compute_copies"] + out["activations"] + out["logits"]
     out["optimizer_step"] = 4 * T / (1 if strategy == "ddp" else N)  # foreach AdamW's temporary sqrt(v)
-    # Generation: KV cache (keys float32 after rotary under autocast, values bf16), gathered layers / copies.
+    # Generation: KV cache (keys float32 after rotary under autocast, values bf16), and the layers gathered or
+    # copied; FSDP2 keeps every layer gathered while sampling (distributed.gathered_for_generation): bf16 weights.
     kv = 2 * s.kv_dim * (2 if deepspeed else 3)
     sequences = min(generation_batch, -(-batch * group_size // gpus))
-    out["generation"] = sequences * (prompt_tokens + response_tokens) * s.layers * kv + out["compute_copies"]
+    weights_while_sampling = 2 * P if strategy == "fsdp2" else out["compute_copies"]
+    out["generation"] = sequences * (prompt_tokens + response_tokens) * s.layers * kv + weights_while_sampling
     states = out["weights"] + out["gradients"] + out["optimizer"] + out["reference"]
     out["peak"] = states + max(out["micro_batch"], out["optimizer_step"], out["generation"])
     return out
