@@ -59,3 +59,15 @@ def test_cli_table_and_json(capsys):
     assert set(result) == {"shape", "zero3"} and result["zero3"]["reference"] == 0
     assert result["zero3"]["trainable"] == QWEN25["qwen2.5-1.5b"].lora_params(64)
     assert main(["plan", "--model", "no-such-model"]) == 2
+
+
+def test_gathering_for_generation_costs_the_whole_bf16_weights_while_sampling():
+    """FSDP2 and ZeRO-3 hold every layer, in bf16, while sampling (astarpo's default); per-token gathering holds
+    two layers and the embeddings at a time."""
+    s = QWEN25["qwen2.5-7b"]
+    for strategy in ("fsdp2", "zero3"):
+        once, per_token = (plan(s, 8, strategy, micro_batch=2, gather_for_generation=g) for g in (True, False))
+        assert once["generation"] - per_token["generation"] == 2 * s.params() - per_token["compute_copies"]
+        assert once["peak"] > per_token["peak"]
+    ddp = [plan(s, 8, "ddp", gather_for_generation=g) for g in (True, False)]
+    assert ddp[0] == ddp[1]  # nothing to gather

@@ -206,6 +206,9 @@ class TrainConfig(CommonConfig):
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16: autocast for forward passes; "
                                                                  "weights and optimizer state stay in float32"})
     gradient_checkpointing: bool = False
+    gather_for_generation: bool = field(default=True, metadata={
+        "help": "FSDP2 and ZeRO-3: gather the whole weights once for sampling, not per token (several times faster; "
+                "costs the whole bf16 weights per GPU while sampling, see `astarpo plan`)"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning); with LoRA the reference "
                                                         "is the base model with adapters disabled"})
     lora_alpha: int = 32

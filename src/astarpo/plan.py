@@ -5,8 +5,8 @@ The formula counts what a training process holds at its peak (bytes per GPU):
     weights + gradients + optimizer state + reference + max(micro-batch, optimizer step, generation)
 
 where the micro-batch term is the autocast copies or gathered layers, the activations saved for backward and the
-log-prob chunk; generation is HF generate's KV cache for ``generation_batch_size`` sequences (under FSDP2 plus
-the whole bf16 weights, gathered once for sampling). Under DDP and
+log-prob chunk; generation is HF generate's KV cache for ``generation_batch_size`` sequences (under FSDP2 and
+ZeRO-3 plus the whole bf16 weights, gathered once for sampling). Under DDP and
 FSDP2 the trainer keeps float32 master weights and runs the forward pass under bf16 autocast; under DeepSpeed
 (ZeRO-2/3) the engine holds bf16 weights and its optimizer the float32 master copy and the two AdamW moments (ZeRO
 paper's accounting, 2 + 2 + 12 bytes per parameter). Sharded strategies divide their sharded terms by the GPU
@@ -106,8 +106,8 @@ def activation_bytes_per_token(s: Shape, layer: bool = True) -> int:
 
 def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, prompt_tokens: int = 256,
          response_tokens: int = 1024, gradient_checkpointing: bool = True, chunked_logits: bool = True,
-         lora_rank: int = 0, generation_batch: int = 256, batch: int = 256, group_size: int = 1
-         ) -> dict[str, float]:
+         lora_rank: int = 0, generation_batch: int = 256, batch: int = 256, group_size: int = 1,
+         gather_for_generation: bool = True) -> dict[str, float]:
     """Per-GPU bytes by component, and ``peak``: the sum of the states plus the largest transient phase.
     Each GPU generates its ``batch * group_size / gpus`` sequences, ``generation_batch`` at a time."""
     if strategy not in STRATEGIES:
@@ -157,10 +157,11 @@ def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, p
         out["micro_batch"] = out["compute_copies"] + out["activations"] + out["logits"]
     out["optimizer_step"] = 4 * T / (1 if strategy == "ddp" else N)  # foreach AdamW's temporary sqrt(v)
     # Generation: KV cache (keys float32 after rotary under autocast, values bf16), and the layers gathered or
-    # copied; FSDP2 keeps every layer gathered while sampling (distributed.gathered_for_generation): bf16 weights.
+    # copied; FSDP2 and ZeRO-3 gather every layer once for sampling (distributed.gathered_for_generation).
     kv = 2 * s.kv_dim * (2 if deepspeed else 3)
     sequences = min(generation_batch, -(-batch * group_size // gpus))
-    weights_while_sampling = 2 * P if strategy == "fsdp2" else out["compute_copies"]
+    gather = gather_for_generation and strategy in ("fsdp2", "zero3")
+    weights_while_sampling = 2 * P if gather else out["compute_copies"]
     out["generation"] = sequences * (prompt_tokens + response_tokens) * s.layers * kv + weights_while_sampling
     states = out["weights"] + out["gradients"] + out["optimizer"] + out["reference"]
     out["peak"] = states + max(out["micro_batch"], out["optimizer_step"], out["generation"])
@@ -197,6 +198,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=256, help="prompts per step, over all GPUs")
     p.add_argument("--generation-batch", type=int, default=256, help="sequences per generate() call")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--no-gather-for-generation", dest="gather_for_generation", action="store_false",
+                   help="FSDP2/ZeRO-3 gather layer by layer for every sampled token (astarpo train's flag)")
     p.add_argument("--json", action="store_true", help="bytes per component as JSON instead of a table")
 
 
@@ -204,7 +207,7 @@ def run(a: argparse.Namespace) -> str:
     """The table (or JSON) for parsed ``astarpo plan`` flags."""
     kw = dict(micro_batch=a.micro_batch, prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens,
               gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, batch=a.batch,
-              generation_batch=a.generation_batch)
+              generation_batch=a.generation_batch, gather_for_generation=a.gather_for_generation)
     strategies = tuple(a.strategy or STRATEGIES)
     if not a.json:
         return table(a.model, a.gpus, strategies, **kw)
