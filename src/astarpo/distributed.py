@@ -122,22 +122,25 @@ def prepare_reference(acc: Accelerator, model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def gathered_for_generation(acc: Accelerator, model: Any, enabled: bool = True) -> Iterator[None]:
-    """Under FSDP2 and ZeRO-3, gather the policy's weights once for a block of sampling, not once per token.
+def ready_for_generation(acc: Accelerator, model: Any, gather: bool = True) -> Iterator[None]:
+    """The policy ready for a block of sampling under FSDP2 or ZeRO-3; other strategies: nothing to do.
 
-    Both strategies gather a layer's weights in every forward pass and free them after it, so sampling T tokens
-    would gather the whole model T times. Measured with 2 CPU processes over gloo (SmolLM2-135M, GRPO, 16 samples
-    of 32 tokens per process), generation per step: DDP 3.1 s; FSDP2 13.5 s, 4.1 s with this; ZeRO-3 43-72 s,
-    6-8 s with this. The price: while sampling, every GPU holds the whole weights in the compute
-    dtype, as under DDP (``astarpo plan`` counts them in the generation phase); ``enabled=False``
-    (``--no-gather-for-generation``) keeps the per-token gathering and the least memory.
+    ``gather``: gather the weights once for the block, not once per token. Both strategies gather a layer's
+    weights in every forward pass and free them after it, so sampling T tokens would gather the whole model T
+    times. Measured with 2 CPU processes over gloo (SmolLM2-135M, GRPO, 16 samples of 32 tokens per process),
+    generation per step: DDP 3.1 s; FSDP2 13.5 s, 4.1 s gathered once; ZeRO-3 43-72 s, 6-8 s gathered once. The
+    price: while sampling, every GPU holds the whole weights in the compute dtype, as under DDP (``astarpo plan``
+    counts them in the generation phase); ``gather=False`` (``--no-gather-for-generation``) keeps the least memory.
+    FSDP2 keeps each layer gathered from its first forward pass to the end of the block. ZeRO-3 goes through TRL's
+    ``unwrap_model_for_generation``, which gathers every parameter and lifts DeepSpeed's per-module hooks
+    meanwhile (it reaches into DeepSpeed's internals; TRL keeps it working across DeepSpeed releases).
 
-    FSDP2: each layer stays gathered from its first forward pass to the end of the block. ZeRO-3: TRL's
-    ``unwrap_model_for_generation`` gathers every parameter and lifts DeepSpeed's per-module hooks meanwhile (it
-    reaches into DeepSpeed's internals; TRL keeps it working across DeepSpeed releases).
+    A peft model under FSDP2, gathered or not: peft's ``generate()`` calls the inner model, around the FSDP root,
+    whose own hooks then never run. The root is initialised by a one-token forward pass and its own weights (the
+    final norm's) are unsharded by hand for the block.
     """
-    name = strategy(acc) if enabled else "off"
-    if name == "zero3":
+    name = strategy(acc)
+    if name == "zero3" and gather:
         from trl.models.utils import unwrap_model_for_generation
 
         with unwrap_model_for_generation(model, acc):
@@ -149,9 +152,17 @@ def gathered_for_generation(acc: Accelerator, model: Any, enabled: bool = True) 
     from torch.distributed.fsdp import FSDPModule
 
     root = acc.unwrap_model(model)
-    modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    modules = [m for m in root.modules() if isinstance(m, FSDPModule)] if gather else []
+    peft = hasattr(root, "get_base_model")
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
+    if peft:
+        was_training = root.training
+        root.eval()
+        with torch.no_grad():
+            root(input_ids=torch.zeros((1, 1), dtype=torch.long, device=acc.device))
+        root.train(was_training)
+        root.unshard()
     try:
         yield
     finally:
@@ -159,6 +170,8 @@ def gathered_for_generation(acc: Accelerator, model: Any, enabled: bool = True) 
         for m in modules:  # the root keeps its weights after forward, as fully_shard sets it
             m.set_reshard_after_forward(after and m is not root, recurse=False)
             m.reshard()
+        if peft and not modules:
+            root.reshard()
 
 
 @contextlib.contextmanager

@@ -320,13 +320,6 @@ def _sharded(model: Any) -> bool:
     return isinstance(model, FSDPModule) or any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def _peft_fsdp_root(model: Any) -> bool:
-    """A peft model sharded by FSDP2 (the FSDP root is the peft wrapper)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule) and hasattr(model, "get_base_model")
-
-
 @torch.no_grad()
 def sample(
     model: Any,
@@ -366,11 +359,6 @@ def sample(
     rows: dict[int, list[tuple[list[int], bool]]] = {}
     was_training = model.training
     model.eval()
-    peft_root = _peft_fsdp_root(model)
-    if peft_root:  # peft's generate() calls the inner model, so the FSDP root's own hooks never run: an
-        # initialising forward pass (one token), then its weights (the final norm's) unsharded by hand
-        model(input_ids=torch.tensor([[pad_id]], device=device))
-        model.unshard()
     eos_set = set(eos)
     for start in range(0, len(order), per_call):
         idx = order[start : start + per_call]
@@ -391,8 +379,6 @@ def sample(
             rows[i] = [_trim(g, eos_set) for g in gen[j * n : (j + 1) * n]]
         if progress is not None:
             progress(len(idx) * n)
-    if peft_root:
-        model.reshard()
     model.train(was_training)
     index = [i for i in range(len(prompt_tokens)) for _ in range(n)]
     responses = [r for i in range(len(prompt_tokens)) for r in rows[i]]

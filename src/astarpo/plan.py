@@ -157,7 +157,7 @@ def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, p
         out["micro_batch"] = out["compute_copies"] + out["activations"] + out["logits"]
     out["optimizer_step"] = 4 * T / (1 if strategy == "ddp" else N)  # foreach AdamW's temporary sqrt(v)
     # Generation: KV cache (keys float32 after rotary under autocast, values bf16), and the layers gathered or
-    # copied; FSDP2 and ZeRO-3 gather every layer once for sampling (distributed.gathered_for_generation).
+    # copied; FSDP2 and ZeRO-3 gather every layer once for sampling (distributed.ready_for_generation).
     kv = 2 * s.kv_dim * (2 if deepspeed else 3)
     sequences = min(generation_batch, -(-batch * group_size // gpus))
     gather = gather_for_generation and strategy in ("fsdp2", "zero3")

@@ -36,9 +36,9 @@ from .distributed import (
     as_float,
     check_supported,
     full_state_dict,
-    gathered_for_generation,
     make_accelerator,
     prepare_reference,
+    ready_for_generation,
     strategy,
 )
 from .engines import make_sampler
@@ -175,7 +175,7 @@ class Trainer:
         batch = self._batch(step)
         mine = list(range(acc.process_index, len(batch), acc.num_processes))  # my positions in the global batch
         prompts = [batch[g] for g in mine]
-        with acc.autocast(), gathered_for_generation(acc, self.policy, self.cfg.gather_for_generation):
+        with acc.autocast(), ready_for_generation(acc, self.policy, self.cfg.gather_for_generation):
             roll = collect(self.sampler, [self.records[i] for i in prompts], [self.prompt_ids[i] for i in prompts],
                            G, self.params, self.reward_fn, self.cfg.on_reward_error)
         gen_seconds = time.perf_counter() - t0
@@ -339,8 +339,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """Greedy accuracy on the held-out prompts (``eval_data``)."""
-        with self.accelerator.autocast(), gathered_for_generation(self.accelerator, self.policy,
-                                                                 self.cfg.gather_for_generation):
+        with self.accelerator.autocast(), ready_for_generation(self.accelerator, self.policy,
+                                                              self.cfg.gather_for_generation):
             return evaluate(self.accelerator.unwrap_model(self.policy), self.tokenizer, self.eval_records,
                             self.eval_prompt_ids, self.reward_fn, max_new_tokens=self.cfg.max_new_tokens,
                             batch_size=self.cfg.generation_batch_size, on_reward_error=self.cfg.on_reward_error,
