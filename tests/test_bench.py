@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from astarpo.bench import bench, markdown, summarize
+from astarpo.bench import bench, choose_rates, heldout_records, markdown, summarize
 from astarpo.config import BenchConfig, ConfigError
 from astarpo.rundir import OutputError
 
@@ -22,35 +22,65 @@ def _metrics(path, step_seconds, samples, memory):
     (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
 
 
+def _score(acc, kl, val=None):
+    return {"accuracy": acc, "validation_accuracy": acc if val is None else val, "kl_to_ref": kl}
+
+
 def test_report_figures(tmp_path):
-    cfg = BenchConfig(algos="astarpo,grpo", external="trl-a2po", steps=4, eval_every=2, batch_size=8,
-                      output_dir=str(tmp_path))
-    _metrics(tmp_path / "astarpo", [2.0, 2.0, 3.0, 2.0], 8, 1000)
-    _metrics(tmp_path / "grpo", [10.0, 12.0, 10.0, 10.0], 64, 1600)
-    (tmp_path / "trl-a2po").mkdir()  # TRL's rows carry no generation time or tokens/s
-    (tmp_path / "trl-a2po" / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": i, "step_seconds": 5.0, "samples": 8, "peak_memory_mb": 2000.0}) + "\n"
-        for i in range(1, 5)))
-    base = {"accuracy": 0.2, "kl_to_ref": 0.0}
-    scores = {"base": {"0": base},
-              "astarpo": {"2": {"accuracy": 0.5, "kl_to_ref": 1.0}, "4": {"accuracy": 0.6, "kl_to_ref": 1.5}},
-              "grpo": {"2": {"accuracy": 0.3, "kl_to_ref": 2.0}, "4": {"accuracy": 0.45, "kl_to_ref": 3.0}},
-              "trl-a2po": {"2": {"accuracy": 0.4, "kl_to_ref": 0.5}, "4": {"accuracy": 0.3, "kl_to_ref": 0.6}}}
-    report = summarize(cfg, scores, {"astarpo": 30.0, "trl-a2po": 100.0})
+    """Two methods, two seeds, two rates: the sweep's pick, means and spreads, interpolated time and KL at the
+    target, the verdicts and the table, on known figures."""
+    cfg = BenchConfig(algos="astarpo,grpo", external="trl-a2po", seeds="0,1", learning_rates="1e-5,2e-5", steps=4,
+                      eval_every=2, batch_size=8, output_dir=str(tmp_path))
+    for seed, stage1 in ((0, 30.0), (1, 40.0)):
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "stage1_seconds.json").write_text(str(stage1))
+    _metrics(tmp_path / "seed0" / "lr1e-05" / "astarpo", [2.0, 2.0, 3.0, 2.0], 8, 1000)
+    _metrics(tmp_path / "seed1" / "lr1e-05" / "astarpo", [2.0, 2.0, 2.0, 2.0], 8, 1000)
+    _metrics(tmp_path / "seed0" / "lr2e-05" / "grpo", [10.0, 12.0, 10.0, 10.0], 64, 1600)
+    _metrics(tmp_path / "seed1" / "lr2e-05" / "grpo", [10.0, 10.0, 10.0, 10.0], 64, 1600)
+    for seed in (0, 1):  # TRL's A2PO: the first rate, its own Stage 1, no generation time or tokens/s
+        run = tmp_path / f"seed{seed}" / "lr1e-05" / "trl-a2po"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i, "step_seconds": 5.0, "samples": 8, "peak_memory_mb": 2000.0}) + "\n"
+            for i in range(1, 5)))
+        (run / "stage1_seconds.json").write_text("100.0")
+    scores = {"base": {"0": _score(0.2, 0.0)},
+              "0/1e-05/astarpo": {"2": _score(0.4, 1.0), "4": _score(0.6, 1.5, val=0.5)},
+              "0/2e-05/astarpo": {"2": _score(0.4, 1.0), "4": _score(0.7, 4.0, val=0.5)},  # a tie: the first rate
+              "0/1e-05/grpo": {"2": _score(0.3, 1.0), "4": _score(0.5, 2.0, val=0.3)},
+              "0/2e-05/grpo": {"2": _score(0.3, 2.0), "4": _score(0.45, 3.0, val=0.6)},
+              "1/1e-05/astarpo": {"2": _score(0.3, 0.8), "4": _score(0.5, 1.2)},
+              "1/2e-05/grpo": {"2": _score(0.25, 2.0), "4": _score(0.35, 3.0)},
+              "0/1e-05/trl-a2po": {"2": _score(0.4, 0.5), "4": _score(0.3, 0.6)},
+              "1/1e-05/trl-a2po": {"2": _score(0.4, 0.5), "4": _score(0.3, 0.6)}}
+    assert choose_rates(cfg, scores) == {"astarpo": 1e-5, "grpo": 2e-5}
+    report = summarize(cfg, scores)
     a, g = report["methods"]["astarpo"], report["methods"]["grpo"]
-    assert (a["step_seconds"], g["step_seconds"]) == (2.0, 10.0)  # medians
-    assert (a["peak_memory_mb"], g["peak_memory_mb"]) == (1003, 1603) and a["prompt_seconds"] == 0.25
-    assert report["target_accuracy"] == 0.4  # halfway from 0.2 to the best, 0.6
-    # A*-PO reaches 0.5 after 4 s of steps, plus 30 s of Stage 1; GRPO reaches 0.45 after 42 s
-    assert (a["seconds_to_target"], g["seconds_to_target"]) == (34.0, 42.0)
-    assert g["astarpo_step_time_ratio"] == 0.2 and g["astarpo_memory_ratio"] == round(1003 / 1603, 3)
-    assert g["astarpo_time_to_target_ratio"] == round(34 / 42, 3)
-    assert [c["train_seconds"] for c in g["curve"]] == [0.0, 22.0, 42.0] and a["kl_to_ref"] == 1.5
-    t = report["methods"]["trl-a2po"]  # reaches 0.4 after 10 s of steps and 100 s of its own Stage 1
-    assert t["seconds_to_target"] == 110.0 and t["tokens_per_second"] is None and t["astarpo_step_time_ratio"] == 0.4
+    assert (a["learning_rate"], g["learning_rate"]) == (1e-5, 2e-5)
+    assert (a["step_seconds"], g["step_seconds"], a["step_seconds_std"]) == (2.0, 10.0, 0.0)  # medians, then means
+    assert (a["accuracy"], g["accuracy"], a["accuracy_std"]) == (0.55, 0.4, round(0.1 / 2 ** 0.5, 4))
+    assert report["target_accuracy"] == 0.375  # halfway from 0.2 to the best mean, 0.55
+    # seed 0 crosses 0.375 7/8 of the way to step 2 (4 s of steps), plus 30 s of Stage 1; seed 1 3/8 of the way
+    # from step 2 (4 s) to step 4 (8 s), plus 40 s
+    seeds = a["seeds"]
+    assert (seeds["0"]["seconds_to_target"], seeds["1"]["seconds_to_target"]) == (33.5, 45.5)
+    assert (seeds["0"]["kl_at_target"], seeds["1"]["kl_at_target"]) == (0.875, 0.95)
+    assert (a["seconds_to_target"], a["kl_at_target"]) == (39.5, 0.9125)
+    assert g["seeds"]["0"]["seconds_to_target"] == 32.0 and g["seeds"]["1"]["seconds_to_target"] is None
+    assert (g["seconds_to_target"], g["seconds_to_target_n"]) == (32.0, 1)
+    assert [c["accuracy"] for c in a["curve"]] == [0.2, 0.35, 0.55]  # the mean curve, for `astarpo report`
+    assert g["astarpo_verdict"] == {"accuracy": "wins", "kl_at_target": "n/a", "seconds_to_target": "n/a",
+                                    "step_seconds": "wins", "peak_memory_mb": "wins"}
+    assert report["learning_rate_sweep"]["grpo"]["2e-05"]["validation_accuracy"] == 0.6
+    t = report["methods"]["trl-a2po"]  # reaches 0.375 7/8 of the way to step 2 (10 s), after 100 s of Stage 1
+    assert (t["learning_rate"], t["stage1_seconds"], t["seconds_to_target"], t["tokens_per_second"]) == \
+        (1e-5, 100.0, 108.75, None)
+    assert t["astarpo_verdict"]["step_seconds"] == "wins" and t["astarpo_verdict"]["accuracy"] == "wins"
     table = markdown(report)
-    assert "| grpo | 64 | 10.00 | 1.25 |" in table and "Target accuracy 40%" in table
-    assert "| trl-a2po | 8 | 5.00 | 0.62 | n/a |" in table
+    assert "| grpo | 2e-05 | 64 | 10.00 ± 0.00 | 1603 ± 0 | 40.0 ± 7.1 | 3.00 ± 0.00 | 2.50 (1/2 seeds) |" in table
+    assert "Target accuracy 37.5%" in table and "| grpo | wins | n/a | n/a | wins | wins |" in table
+    assert "| grpo | 30% (50%, 2.00) | 60% (45%, 3.00) |" in table
 
 
 def test_bench_config_errors():
@@ -60,26 +90,52 @@ def test_bench_config_errors():
         BenchConfig(algos="astarpo,dpo")
     with pytest.raises(ConfigError, match="each method once"):
         BenchConfig(algos="grpo,grpo")
+    with pytest.raises(ConfigError, match="each seed once"):
+        BenchConfig(seeds="0,0")
+    with pytest.raises(ConfigError, match="distinct positive rates"):
+        BenchConfig(learning_rates="1e-5,0")
+    with pytest.raises(ConfigError, match="integers"):
+        BenchConfig(seeds="0,x")
+    with pytest.raises(ConfigError, match="must exceed validation_prompts"):
+        BenchConfig(eval_limit=100, validation_prompts=100)
 
 
-def test_bench_runs_interleaved_and_resumes(tiny_model, tmp_path):
-    """Two baselines (the tiny model never solves a problem, so A*-PO's Stage 1 would keep no prompt)."""
+def test_heldout_problems_are_never_trained_on():
+    from astarpo.config import QUICKSTART, TrainConfig, build
+    from astarpo.data import load_records
+
+    recipe = build(TrainConfig, QUICKSTART)
+    held = heldout_records(recipe, 160)
+    trained = {r["prompt"] for r in load_records("arithmetic", "train", 160)}
+    assert len(held) == 512 - 160 + 128 and not trained & {r["prompt"] for r in held}
+
+
+def test_bench_sweeps_then_trains_every_seed_and_resumes(tiny_model, tmp_path):
+    """Two baselines (the tiny model never solves a problem, so A*-PO's Stage 1 would teach nothing), two rates
+    swept at seed 0, then seed 1 at each method's pick; a rerun resumes and runs nothing."""
     cfg = BenchConfig(model=str(tiny_model), algos="rebel,grpo", steps=2, eval_every=1, batch_size=2,
-                      train_prompts=8, eval_limit=4, output_dir=str(tmp_path / "b"), json=str(tmp_path / "r.json"))
+                      train_prompts=8, seeds="0,1", learning_rates="1e-5,1e-3", eval_limit=8, validation_prompts=4,
+                      kl_prompts=2, output_dir=str(tmp_path / "b"), json=str(tmp_path / "r.json"))
     report = bench(cfg)
     raw = json.loads((tmp_path / "r.json").read_text())
     assert raw == json.loads((tmp_path / "b" / "bench.json").read_text())
     assert set(raw["methods"]) == {"rebel", "grpo"} and raw["machine"]["torch"]
+    assert set(raw["learning_rate_sweep"]["grpo"]) == {"1e-05", "0.001"}
+    runs = sorted(str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").glob("seed*/lr*/*/metrics.jsonl"))
+    picked = {name: f"lr{m['learning_rate']:g}" for name, m in report["methods"].items()}
+    assert runs == sorted([f"seed0/lr{lr}/{a}/metrics.jsonl" for lr in ("1e-05", "0.001") for a in ("rebel", "grpo")]
+                          + [f"seed1/{picked[a]}/{a}/metrics.jsonl" for a in ("rebel", "grpo")])
     for name, samples in (("rebel", 4), ("grpo", 16)):
         m = report["methods"][name]
         assert m["samples_per_step"] == samples and m["peak_memory_mb"] > 0 and m["step_seconds"] > 0
-        assert [c["step"] for c in m["curve"]] == [0, 1, 2]
+        assert set(m["seeds"]) == {"0", "1"} and [c["step"] for c in m["curve"]] == [0, 1, 2]
         assert all(0 <= c["accuracy"] <= 1 and c["kl_to_ref"] == c["kl_to_ref"] for c in m["curve"])
-    assert (tmp_path / "b" / "bench.png").stat().st_size > 0 and "| rebel | 4 |" in (tmp_path / "b" / "bench.md"
-                                                                                       ).read_text()
-    logs = {p.name: p.stat().st_size for p in (tmp_path / "b").glob("*.log")}
+    assert not list((tmp_path / "b").rglob("checkpoints")) and len(list((tmp_path / "b").rglob("final"))) == 6
+    assert (tmp_path / "b" / "bench.png").stat().st_size > 0 and "| rebel | " in (tmp_path / "b" / "bench.md"
+                                                                                    ).read_text()
+    logs = {p: p.stat().st_size for p in (tmp_path / "b").rglob("*.log")}
     assert bench(cfg)["methods"].keys() == report["methods"].keys()  # a rerun finds everything done ...
-    assert logs == {p.name: p.stat().st_size for p in (tmp_path / "b").glob("*.log")}  # ... and runs nothing
+    assert logs == {p: p.stat().st_size for p in (tmp_path / "b").rglob("*.log")}  # ... and runs nothing
     with pytest.raises(OutputError, match="holds a run with other settings \\(steps: 2 -> 3"):
         bench(BenchConfig(**{**cfg.__dict__, "steps": 3}))
 

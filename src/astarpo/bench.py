@@ -1,18 +1,23 @@
 """`astarpo bench`: A*-PO next to GRPO, RLOO, REBEL and PPO on one model, task and prompts-per-step budget.
 
-Every method trains with the same Stage 2 loop, recipe (the quickstart's: model, task, response cap, learning
-rate) and number of prompts per step; only the objective differs, and with it the number of responses sampled per
-prompt, the models held in memory (reference, critic) and the work per step. A*-PO also pays for Stage 1 once,
-timed and shown on its own.
+Every method trains with the same Stage 2 loop and recipe (the quickstart's: model, task, response cap), on the
+same training prompts, for the same number of steps of the same number of prompts: the same prompt-visits. A*-PO
+trains on every prompt too (its Stage 1 filter is off here: the filter would give it fewer, easier prompts
+visited more often). Only the objective differs, and with it the responses sampled per prompt, the models held in
+memory (reference, critic) and the work per step. A*-PO also pays for Stage 1 once per seed, timed on its own.
 
-Methods run in segments of ``eval_every`` steps, round-robin (a rotating order), each segment a fresh process
-that resumes from the method's last checkpoint: machine noise hits every method alike, and each process's peak
-resident memory (or peak CUDA memory) belongs to one method only. After every segment the checkpoint is scored
-here, outside the timed processes: greedy accuracy on held-out prompts and KL to the reference on responses
-sampled at temperature 1. The report is a Markdown table, a PNG (accuracy and KL against training seconds) and a
-JSON file with every raw figure, the machine and the versions.
+Each method gets its own learning rate: a small sweep at the first seed, picked on validation problems that the
+report does not use; then every other seed at that rate. Every seed reruns everything (Stage 1 included), so the
+report gives each figure as mean and spread over seeds.
+
+Runs go in segments of ``eval_every`` steps, round-robin (a rotating order), each segment a fresh process that
+resumes from the run's last checkpoint: machine noise hits every method alike, and each process's peak resident
+memory (or peak CUDA memory) belongs to one method only. After every segment the checkpoint is scored here,
+outside the timed processes, on problems no method trains on: greedy accuracy, and KL to the reference on
+responses sampled at temperature 1. The report is a Markdown table (with A*-PO's wins, ties and losses), a PNG
+(accuracy against training seconds, and the accuracy/KL frontier) and a JSON file with every raw figure, the
+machine and the versions.
 """
-
 from __future__ import annotations
 
 import json
@@ -32,9 +37,10 @@ import yaml
 
 from . import __version__, rewards
 from .config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
-from .data import load_prompts
+from .data import encode_prompts, load_records
 from .evaluate import evaluate
-from .models import load_model, load_tokenizer, resolve_model
+from .generation import HFSampler, SamplingParams, sequence_logprobs
+from .models import eos_ids, load_model, load_tokenizer, resolve_model
 from .objectives import OBJECTIVES
 from .rundir import check_same_settings, write_json_atomic
 
@@ -63,28 +69,58 @@ def machine() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads()}
 
 
-class _Scorer:
-    """Held-out greedy accuracy and KL to the reference of a checkpoint, in this (untimed) process."""
+def heldout_records(recipe: TrainConfig, train_prompts: int) -> list[dict[str, Any]]:
+    """Problems no method trains on: the training set's after the first ``train_prompts``, then the test split
+    (the built-in arithmetic task's test split alone has 128, too few for a spread of a few points)."""
+    rest = load_records(recipe.data, recipe.split, None, recipe.prompt_column, recipe.answer_column,
+                        recipe.prompt_template)[train_prompts:]
+    return rest + load_records(recipe.eval_data, recipe.eval_split, None, recipe.prompt_column, recipe.answer_column,
+                               recipe.prompt_template)
 
-    def __init__(self, recipe: TrainConfig, limit: int) -> None:
-        self.recipe = recipe
+
+class _Scorer:
+    """A checkpoint's greedy accuracy on the validation and report problems, and its KL to the reference on
+    responses sampled at temperature 1 for the first ``kl_prompts`` report problems; in this (untimed) process."""
+
+    def __init__(self, recipe: TrainConfig, cfg: BenchConfig) -> None:
+        self.recipe, self.validation, self.kl_prompts = recipe, cfg.validation_prompts, cfg.kl_prompts
         self.model_dir = resolve_model(recipe.model)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.records, self.prompt_ids = load_prompts(self.tokenizer, recipe, recipe.eval_data, recipe.eval_split,
-                                                     limit)
+        records = heldout_records(recipe, cfg.train_prompts)[: cfg.eval_limit]
+        if len(records) <= self.validation:
+            raise BenchError(f"{len(records)} held-out problems, but validation takes the first {self.validation}; "
+                             "lower --validation-prompts or --train-prompts")
+        self.records, self.prompt_ids = encode_prompts(self.tokenizer, records, recipe.max_prompt_tokens,
+                                                       recipe.use_chat_template, recipe.on_long_prompt)
         self.ref = load_model(self.model_dir).eval()
         self.reward_fn = rewards.resolve(recipe.reward)[1]
 
     def __call__(self, model_dir: Path | None) -> dict[str, float]:
-        torch.manual_seed(self.recipe.seed)  # the same KL samples for the same weights
         model = self.ref if model_dir is None else load_model(model_dir).eval()
         res = evaluate(model, self.tokenizer, self.records, self.prompt_ids, self.reward_fn,
-                       max_new_tokens=self.recipe.max_new_tokens, ref_model=self.ref)
-        return {"accuracy": res["accuracy"], "kl_to_ref": res["kl_to_ref"]}
+                       max_new_tokens=self.recipe.max_new_tokens, progress=None)
+        right = [s["reward"] for s in res["samples"]]
+        report = slice(self.validation, self.validation + self.kl_prompts)
+        torch.manual_seed(self.recipe.seed)  # the same KL samples for the same weights
+        sampled = HFSampler(model, self.tokenizer, eos_ids(model, self.tokenizer)).generate(
+            self.prompt_ids[report], 1, SamplingParams(1.0, 1.0, self.recipe.max_new_tokens))
+        pad = self.tokenizer.pad_token_id
+        kl = (sequence_logprobs(model, sampled, pad) - sequence_logprobs(self.ref, sampled, pad)).double().mean()
+        return {"accuracy": statistics.fmean(right[self.validation:]),
+                "validation_accuracy": statistics.fmean(right[: self.validation]), "kl_to_ref": float(kl)}
+
+
+def _lr(x: float) -> str:
+    return f"{x:g}"
 
 
 def bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the comparison (resuming whatever a previous run of the same settings finished) and write the report."""
+    """Run the comparison (resuming whatever a previous run of the same settings finished) and write the report.
+
+    Each method trains at every learning rate at the first seed; the rate with the best validation accuracy after
+    the last step is its rate for the other seeds. Every (seed, rate, method) run is a directory
+    ``seed<S>/lr<LR>/<method>``; every seed has its own Stage 1 (``seed<S>/values.parquet``).
+    """
     from tqdm.auto import tqdm
 
     out = Path(cfg.output_dir)
@@ -94,64 +130,28 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
                 if k not in ("output_dir", "json", "target_accuracy", "external")}
     check_same_settings(out / "bench_settings.json", settings, "choose another --output-dir or delete it")
     write_json_atomic(out / "bench_settings.json", settings)
-    shared, stage1, stage2 = recipe(cfg)
-
-    stage1_seconds: dict[str, float] = {}
-    if "astarpo" in cfg.algo_names:
-        values = out / "values.parquet"
-        if not values.is_file():
-            (out / "values.yaml").write_text(yaml.safe_dump({**shared, "n": stage1.n, "output": str(values)}))
-            t0 = time.perf_counter()
-            _run(["values", "--config", str(out / "values.yaml")], out / "values.log")
-            write_json_atomic(out / "stage1_seconds.json", time.perf_counter() - t0)
-        stage1_seconds["astarpo"] = json.loads((out / "stage1_seconds.json").read_text())
-    for algo in cfg.algo_names:
-        # Each method with its own coefficients' defaults (objectives.py cites them); A*-PO with the recipe's.
-        train = {"algo": algo, "output_dir": str(out / algo), "batch_size": cfg.batch_size,
-                 "micro_batch_size": stage2.micro_batch_size, "learning_rate": stage2.learning_rate,
-                 "save_every": cfg.eval_every, "keep_checkpoints": 1}
-        if algo == "astarpo":
-            train.update(values=str(out / "values.parquet"), beta2=stage2.beta2)
-        (out / f"{algo}.yaml").write_text(yaml.safe_dump({**shared, "train": train}))
-
-    scorer = _Scorer(stage2, cfg.eval_limit)
+    seeds, rates = cfg.seed_values, cfg.learning_rate_values
+    scorer = _Scorer(recipe(cfg, seeds[0])[2], cfg)
     scores_file = out / "scores.json"
     scores: dict[str, dict[str, dict[str, float]]] = json.loads(scores_file.read_text()) if scores_file.is_file() \
         else {}
     if "base" not in scores:
         scores["base"] = {"0": scorer(None)}
-    bar = tqdm(total=len(cfg.segments) * len(cfg.algo_names) + len(cfg.external_names), desc="bench",
-               dynamic_ncols=True)
-    for k, end in enumerate(cfg.segments):
-        order = cfg.algo_names[k % len(cfg.algo_names):] + cfg.algo_names[: k % len(cfg.algo_names)]
-        for algo in order:
-            bar.set_postfix(method=algo, step=end)
-            if str(end) not in scores.get(algo, {}):
-                _run(["train", "--config", str(out / f"{algo}.yaml"), "--steps", str(end)], out / f"{algo}.log")
-                ckpt = out / algo / "checkpoints" / f"step-{end:06d}"
-                scores.setdefault(algo, {})[str(end)] = scorer(ckpt)
-                write_json_atomic(scores_file, scores)  # read back on resume
+        write_json_atomic(scores_file, scores)
+    sweep = [(seeds[0], lr, algo) for lr in rates for algo in cfg.algo_names]
+    rest = [(seed, lr, algo) for seed in seeds[1:] for algo in cfg.algo_names for lr in rates]
+    bar = tqdm(total=len(cfg.segments) * len(cfg.algo_names) * (len(sweep) // len(cfg.algo_names) + len(seeds) - 1)
+               + len(seeds) * len(cfg.external_names), desc="bench", dynamic_ncols=True)
+    _train(cfg, out, sweep, scores, scorer, bar)
+    chosen = choose_rates(cfg, scores)
+    _train(cfg, out, [r for r in rest if r[1] == chosen[r[2]]], scores, scorer, bar)
+    for seed in seeds:  # TRL's trainers: one whole run each, after the interleaved rounds, at the first rate
+        for name in cfg.external_names:
+            bar.set_postfix(method=name, seed=seed)
+            _external(cfg, out, seed, name, scores, scorer)
             bar.update()
-    for name in cfg.external_names:  # TRL's trainers: one whole run each, after the interleaved rounds
-        bar.set_postfix(method=name, step=cfg.steps)
-        if str(cfg.steps) not in scores.get(name, {}):
-            shutil.rmtree(out / name, ignore_errors=True)  # an interrupted TRL run starts over
-            spec = {"trainer": name, "model_dir": str(resolve_model(cfg.model)), "output_dir": str(out / name),
-                    "data": stage2.data, "reward": stage2.reward, "train_prompts": cfg.train_prompts,
-                    "batch_size": cfg.batch_size, "group_size": OBJECTIVES["grpo"].group_size, "steps": cfg.steps,
-                    "save_every": cfg.eval_every, "max_new_tokens": stage2.max_new_tokens,
-                    "learning_rate": stage2.learning_rate, "beta1": stage2.beta1,
-                    "beta": stage2.beta2 if name == "trl-a2po" else TrainConfig(algo="grpo").coefficient,
-                    "n": stage1.n, "seed": stage2.seed}
-            (out / f"{name}.json").write_text(json.dumps(spec, indent=1))
-            _run([str(out / f"{name}.json")], out / f"{name}.log", module="astarpo.bench_trl")
-            scores[name] = {str(end): scorer(out / name / "trl" / f"checkpoint-{end}") for end in cfg.segments}
-            write_json_atomic(scores_file, scores)  # read back on resume
-        if (out / name / "stage1_seconds.json").is_file():
-            stage1_seconds[name] = json.loads((out / name / "stage1_seconds.json").read_text())
-        bar.update()
     bar.close()
-    report = summarize(cfg, scores, stage1_seconds)
+    report = summarize(cfg, scores)
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(report, indent=1))
@@ -160,60 +160,201 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     return report
 
 
-def recipe(cfg: BenchConfig) -> tuple[dict[str, Any], ValuesConfig, TrainConfig]:
-    """The quickstart's recipe on the bench's model and number of training prompts: its shared settings and the
-    Stage 1 and Stage 2 configs they give; each method's own settings are added in :func:`bench`."""
+def _run_dir(out: Path, seed: int, lr: float, algo: str) -> Path:
+    return out / f"seed{seed}" / f"lr{_lr(lr)}" / algo
+
+
+def _stage1(cfg: BenchConfig, out: Path, seed: int) -> Path:
+    """The seed's A*-PO values, computed (and timed) once, on every training prompt."""
+    shared, stage1, _ = recipe(cfg, seed)
+    values = out / f"seed{seed}" / "values.parquet"
+    if not values.is_file():
+        values.parent.mkdir(parents=True, exist_ok=True)
+        (values.parent / "values.yaml").write_text(yaml.safe_dump({**shared, "n": stage1.n, "output": str(values)}))
+        t0 = time.perf_counter()
+        _run(["values", "--config", str(values.parent / "values.yaml")], values.parent / "values.log")
+        write_json_atomic(values.parent / "stage1_seconds.json", time.perf_counter() - t0)
+    return values
+
+
+def _train(cfg: BenchConfig, out: Path, runs: list[tuple[int, float, str]], scores: dict[str, Any],
+           scorer: _Scorer, bar: Any) -> None:
+    """Train ``runs`` (seed, rate, method) in segments, round-robin in a rotating order, scoring each checkpoint."""
+    for seed, lr, algo in runs:
+        shared, _, stage2 = recipe(cfg, seed)
+        run = _run_dir(out, seed, lr, algo)
+        # Each method with its own coefficients' defaults (objectives.py cites them); A*-PO with the recipe's.
+        # A*-PO trains on every prompt, as the others do: the same prompts, visited as often.
+        train = {"algo": algo, "output_dir": str(run), "batch_size": cfg.batch_size,
+                 "micro_batch_size": stage2.micro_batch_size, "learning_rate": lr,
+                 "save_every": cfg.eval_every, "keep_checkpoints": 1}
+        if algo == "astarpo":
+            train.update(values=str(_stage1(cfg, out, seed)), beta2=stage2.beta2, filter_unsolved=False)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        (run.parent / f"{algo}.yaml").write_text(yaml.safe_dump({**shared, "train": train}))
+    for k, end in enumerate(cfg.segments):
+        for seed, lr, algo in runs[k % len(runs):] + runs[: k % len(runs)]:
+            bar.set_postfix(method=algo, seed=seed, lr=_lr(lr), step=end)
+            key, run = f"{seed}/{_lr(lr)}/{algo}", _run_dir(out, seed, lr, algo)
+            if str(end) not in scores.get(key, {}):
+                _run(["train", "--config", str(run.parent / f"{algo}.yaml"), "--steps", str(end)],
+                     run.parent / f"{algo}.log")
+                scores.setdefault(key, {})[str(end)] = scorer(run / "checkpoints" / f"step-{end:06d}")
+                write_json_atomic(out / "scores.json", scores)  # read back on resume
+                if end == cfg.steps:  # only resuming needs them (2 GB a run for a 135M model); final/ stays
+                    shutil.rmtree(run / "checkpoints")
+            bar.update()
+
+
+def choose_rates(cfg: BenchConfig, scores: dict[str, Any]) -> dict[str, float]:
+    """Each method's rate: the best validation accuracy after the last step at the first seed (ties: the first
+    listed). Validation problems are not the reported ones, so the pick does not flatter the report."""
+    last, seed = str(cfg.steps), cfg.seed_values[0]
+    return {algo: max(cfg.learning_rate_values,
+                      key=lambda lr: (scores[f"{seed}/{_lr(lr)}/{algo}"][last]["validation_accuracy"],
+                                      -cfg.learning_rate_values.index(lr)))
+            for algo in cfg.algo_names}
+
+
+def _external(cfg: BenchConfig, out: Path, seed: int, name: str, scores: dict[str, Any], scorer: _Scorer) -> None:
+    """One TRL trainer's whole run at ``seed`` and the first learning rate, then its checkpoints scored."""
+    lr = cfg.learning_rate_values[0]
+    key, run = f"{seed}/{_lr(lr)}/{name}", _run_dir(out, seed, lr, name)
+    if str(cfg.steps) in scores.get(key, {}):
+        return
+    _, stage1, stage2 = recipe(cfg, seed)
+    shutil.rmtree(run, ignore_errors=True)  # an interrupted TRL run starts over
+    run.mkdir(parents=True)
+    spec = {"trainer": name, "model_dir": str(resolve_model(cfg.model)), "output_dir": str(run),
+            "data": stage2.data, "reward": stage2.reward, "train_prompts": cfg.train_prompts,
+            "batch_size": cfg.batch_size, "group_size": OBJECTIVES["grpo"].group_size, "steps": cfg.steps,
+            "save_every": cfg.eval_every, "max_new_tokens": stage2.max_new_tokens, "learning_rate": lr,
+            "beta1": stage2.beta1, "beta": stage2.beta2 if name == "trl-a2po" else TrainConfig(algo="grpo").coefficient,
+            "n": stage1.n, "seed": seed}
+    (run.parent / f"{name}.json").write_text(json.dumps(spec, indent=1))
+    _run([str(run.parent / f"{name}.json")], run.parent / f"{name}.log", module="astarpo.bench_trl")
+    scores[key] = {str(end): scorer(run / "trl" / f"checkpoint-{end}") for end in cfg.segments}
+    write_json_atomic(out / "scores.json", scores)  # read back on resume
+
+
+def recipe(cfg: BenchConfig, seed: int) -> tuple[dict[str, Any], ValuesConfig, TrainConfig]:
+    """The quickstart's recipe on the bench's model, number of training prompts and ``seed``: its shared settings
+    and the Stage 1 and Stage 2 configs they give; each method's own settings are added in :func:`_train`."""
     shared = {k: v for k, v in load_yaml(QUICKSTART).items() if k not in SECTIONS.values()}
-    shared.update(model=cfg.model, limit=cfg.train_prompts, engine=cfg.engine)
+    shared.update(model=cfg.model, limit=cfg.train_prompts, engine=cfg.engine, seed=seed)
     return shared, build(ValuesConfig, QUICKSTART, **shared), build(TrainConfig, QUICKSTART, **shared)
 
 
-def summarize(cfg: BenchConfig, scores: dict[str, dict[str, dict[str, float]]], stage1_seconds: dict[str, float]
-              ) -> dict[str, Any]:
-    """Per method: step time, throughput, memory, the accuracy/KL curve against training seconds, time to target."""
-    out = Path(cfg.output_dir)
-    base = scores["base"]["0"]
-    methods: dict[str, dict[str, Any]] = {}
-    for algo in cfg.algo_names + cfg.external_names:
-        steps = [json.loads(line) for line in (out / algo / "metrics.jsonl").read_text().splitlines()]
-        steps = [m for m in steps if "step_seconds" in m][: cfg.steps]
-        elapsed, curve = 0.0, [{"step": 0, "train_seconds": 0.0, **base}]
-        for m in steps:
-            elapsed += m["step_seconds"]
-            if str(m["step"]) in scores[algo]:
-                curve.append({"step": m["step"], "train_seconds": round(elapsed, 1), **scores[algo][str(m["step"])]})
-        step_seconds = statistics.median(m["step_seconds"] for m in steps)
-        methods[algo] = {
-            "samples_per_step": steps[0]["samples"], "step_seconds": round(step_seconds, 3),
-            "prompt_seconds": round(step_seconds / cfg.batch_size, 3),
-            "generation_seconds": _median(steps, "generation_seconds"),  # TRL's rows do not report these
-            "tokens_per_second": _median(steps, "tokens_per_second"),
-            "peak_memory_mb": max(m["peak_memory_mb"] for m in steps),
-            "stage1_seconds": round(stage1_seconds.get(algo, 0.0), 1),
-            "train_seconds": round(elapsed, 1), "accuracy": curve[-1]["accuracy"], "kl_to_ref": curve[-1]["kl_to_ref"],
-            "best_accuracy": max(c["accuracy"] for c in curve), "curve": curve,
-        }
-    best = max(m["best_accuracy"] for m in methods.values())
-    target = cfg.target_accuracy  # default: halfway to the best, when some method improved at all
+def summarize(cfg: BenchConfig, scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Per method, at its chosen rate: each seed's run (step time, memory, its accuracy/KL curve against training
+    seconds, time and KL at the target accuracy) and their mean and spread; the sweep; A*-PO's verdict against
+    each baseline."""
+    out, base = Path(cfg.output_dir), scores["base"]["0"]
+    chosen = choose_rates(cfg, scores)
+    sweep = {algo: {_lr(lr): scores[f"{cfg.seed_values[0]}/{_lr(lr)}/{algo}"][str(cfg.steps)]
+                    for lr in cfg.learning_rate_values} for algo in cfg.algo_names}
+    lrs = {**chosen, **{name: cfg.learning_rate_values[0] for name in cfg.external_names}}
+    runs = {name: {seed: _run_figures(out, seed, lr, name, scores, base, cfg.steps, cfg.batch_size)
+                   for seed in cfg.seed_values} for name, lr in lrs.items()}
+    target = cfg.target_accuracy  # default: halfway to the best mean final accuracy, when some method improved
+    best = max(statistics.fmean(r["accuracy"] for r in by_seed.values()) for by_seed in runs.values())
     if target is None and best > base["accuracy"]:
         target = round((base["accuracy"] + best) / 2, 3)
-    for m in methods.values():
-        reached = [c for c in m["curve"] if target is not None and c["accuracy"] >= target and c["step"] > 0]
-        m["seconds_to_target"] = round(reached[0]["train_seconds"] + m["stage1_seconds"], 1) if reached else None
+    methods: dict[str, dict[str, Any]] = {}
+    for name, by_seed in runs.items():
+        for r in by_seed.values():
+            r["seconds_to_target"] = _at_target(r["curve"], target, "train_seconds", r["stage1_seconds"])
+            r["kl_at_target"] = _at_target(r["curve"], target, "kl_to_ref")
+        seeds = list(by_seed.values())
+        m: dict[str, Any] = {"learning_rate": lrs[name], "samples_per_step": seeds[0]["samples_per_step"],
+                             "seeds": {str(s): r for s, r in by_seed.items()}}
+        for key in ("step_seconds", "prompt_seconds", "generation_seconds", "tokens_per_second", "peak_memory_mb",
+                    "stage1_seconds", "train_seconds", "accuracy", "validation_accuracy", "kl_to_ref",
+                    "seconds_to_target", "kl_at_target"):
+            m[key], m[f"{key}_std"], m[f"{key}_n"] = _mean_std([r[key] for r in seeds])
+        # the mean curve (every seed scores the same steps), for `astarpo report`
+        m["curve"] = [{k: (c[0][k] if k == "step" else round(statistics.fmean(x[k] for x in c), 4))
+                       for k in c[0]} for c in zip(*(r["curve"] for r in seeds))]
+        methods[name] = m
     if "astarpo" in methods:
-        a = methods["astarpo"]
-        for m in methods.values():
-            m["astarpo_step_time_ratio"] = round(a["step_seconds"] / m["step_seconds"], 3)
-            m["astarpo_memory_ratio"] = round(a["peak_memory_mb"] / m["peak_memory_mb"], 3)
-            both = a["seconds_to_target"] is not None and m["seconds_to_target"] is not None
-            m["astarpo_time_to_target_ratio"] = round(a["seconds_to_target"] / m["seconds_to_target"], 3) \
-                if both else None
-    _, stage1, stage2 = recipe(cfg)
+        for name, m in methods.items():
+            m["astarpo_verdict"] = {key: _verdict(methods["astarpo"], m, key, higher)
+                                    for key, higher in VERDICT_KEYS.items()} if name != "astarpo" else {}
+    _, stage1, stage2 = recipe(cfg, cfg.seed_values[0])
     used = {k: getattr(stage2, k) for k in ("model", "data", "reward", "max_new_tokens", "temperature", "top_p",
-                                            "seed", "learning_rate", "beta1", "beta2")} | {"stage1_n": stage1.n}
-    return {"settings": {**asdict(cfg), "recipe": used},
-            "machine": machine(), "seed": stage2.seed, "target_accuracy": target, "untrained": base,
-            "methods": methods}
+                                            "beta1", "beta2")} | {"stage1_n": stage1.n}
+    return {"settings": {**asdict(cfg), "recipe": used}, "machine": machine(), "target_accuracy": target,
+            "untrained": base, "learning_rate_sweep": sweep, "methods": methods}
+
+
+# What the verdict compares, and whether more is better.
+VERDICT_KEYS = {"accuracy": True, "kl_at_target": False, "seconds_to_target": False, "step_seconds": False,
+                "peak_memory_mb": False}
+
+
+def _run_figures(out: Path, seed: int, lr: float, name: str, scores: dict[str, Any], base: dict[str, float],
+                 steps: int, batch_size: int) -> dict[str, Any]:
+    """One run's step time, throughput, memory, Stage 1 time and accuracy/KL curve against training seconds."""
+    run = _run_dir(out, seed, lr, name)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [m for m in lines if "step_seconds" in m][:steps]
+    points = scores[f"{seed}/{_lr(lr)}/{name}"]
+    elapsed, curve = 0.0, [{"step": 0, "train_seconds": 0.0, **base}]
+    for m in lines:
+        elapsed += m["step_seconds"]
+        if str(m["step"]) in points:
+            curve.append({"step": m["step"], "train_seconds": round(elapsed, 1), **points[str(m["step"])]})
+    stage1 = next((f for f in (run / "stage1_seconds.json", out / f"seed{seed}" / "stage1_seconds.json")
+                   if name in ("astarpo", "trl-a2po") and f.is_file()), None)  # A2PO times its own Stage 1
+    step_seconds = statistics.median(m["step_seconds"] for m in lines)
+    return {"samples_per_step": lines[0]["samples"], "step_seconds": round(step_seconds, 3),
+            "prompt_seconds": round(step_seconds / batch_size, 3),
+            "generation_seconds": _median(lines, "generation_seconds"),  # TRL's rows do not report these
+            "tokens_per_second": _median(lines, "tokens_per_second"),
+            "peak_memory_mb": max(m["peak_memory_mb"] for m in lines),
+            "stage1_seconds": round(json.loads(stage1.read_text()), 1) if stage1 else 0.0,
+            "train_seconds": round(elapsed, 1), "accuracy": curve[-1]["accuracy"],
+            "validation_accuracy": curve[-1]["validation_accuracy"], "kl_to_ref": curve[-1]["kl_to_ref"],
+            "curve": curve}
+
+
+def _at_target(curve: list[dict[str, float]], target: float | None, key: str, offset: float = 0.0) -> float | None:
+    """``key`` where the curve first reaches ``target`` accuracy, linear between the two checkpoints around it
+    (plus ``offset``); None if it never does."""
+    if target is None:
+        return None
+    for a, b in zip(curve, curve[1:]):
+        if b["accuracy"] >= target:
+            if a["accuracy"] >= target:
+                return round(a[key] + offset, 3)
+            f = (target - a["accuracy"]) / (b["accuracy"] - a["accuracy"])
+            return round(a[key] + f * (b[key] - a[key]) + offset, 3)
+    return None
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and sample standard deviation of the seeds that have the figure, and how many do."""
+    have = [v for v in values if v is not None]
+    if not have:
+        return None, None, 0
+    return (round(statistics.fmean(have), 4), round(statistics.stdev(have), 4) if len(have) > 1 else None,
+            len(have))
+
+
+def _verdict(a: dict[str, Any], b: dict[str, Any], key: str, higher_is_better: bool) -> str:
+    """'wins', 'loses' or 'ties': A*-PO against ``b`` on ``key``, a difference counting only when it exceeds twice
+    its standard error over seeds (one seed: no spread, so never more than 'ties'); 'n/a' when a figure is
+    missing in some seed (a target not reached)."""
+    n = len(a["seeds"])
+    if a[f"{key}_n"] < n or b[f"{key}_n"] < len(b["seeds"]):
+        return "n/a"
+    if a[f"{key}_std"] is None or b[f"{key}_std"] is None:
+        return "ties"
+    diff = a[key] - b[key]
+    se = (a[f"{key}_std"] ** 2 / a[f"{key}_n"] + b[f"{key}_std"] ** 2 / b[f"{key}_n"]) ** 0.5
+    if abs(diff) <= 2 * se:
+        return "ties"
+    return "wins" if (diff > 0) == higher_is_better else "loses"
 
 
 def _median(steps: list[dict[str, Any]], key: str) -> float | None:
@@ -225,58 +366,94 @@ def _fmt(x: float | None, spec: str, none: str = "n/a") -> str:
     return none if x is None else f"{x:{spec}}"
 
 
+def _pm(m: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
+    """mean +- std (and k/n seeds when only some have the figure)."""
+    if m[key] is None:
+        return "not reached"
+    text = f"{m[key] * scale:{spec}}" + (f" ± {m[f'{key}_std'] * scale:{spec}}" if m[f"{key}_std"] is not None
+                                          else "")
+    return text + (f" ({m[f'{key}_n']}/{len(m['seeds'])} seeds)" if m[f"{key}_n"] < len(m["seeds"]) else "")
+
+
 def markdown(report: dict[str, Any]) -> str:
-    methods = report["methods"]
+    methods, s = report["methods"], report["settings"]
+    seeds = len(next(iter(methods.values()))["seeds"])
+    target = report["target_accuracy"]
     lines = [
-        f"Untrained: held-out accuracy {report['untrained']['accuracy']:.0%}. "
-        + (f"Target accuracy {report['target_accuracy']:.0%}. " if report["target_accuracy"] is not None
-           else "No method improved on the untrained model, so there is no time to target. ")
-        + "Ratios are A*-PO's figure divided by the method's (below 1: A*-PO needs less).", "",
-        "| method | samples/step | s/step | s/prompt | tokens/s | peak memory MB | held-out acc (final / best) "
-        "| KL to ref | s to target (incl. Stage 1) | step time ratio | memory ratio | time-to-target ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{len(methods)} methods x {seeds} seed(s), {s['steps']} steps of {s['batch_size']} prompts from the same "
+        f"{s['train_prompts']} (every method, A*-PO included, trains on all of them). Untrained: report accuracy "
+        f"{report['untrained']['accuracy']:.1%}, validation {report['untrained']['validation_accuracy']:.1%}. "
+        + (f"Target accuracy {target:.1%}. " if target is not None
+           else "No method improved on the untrained model, so there is no target. ")
+        + "Figures are mean ± standard deviation over seeds.", "",
+        "| method | lr | samples/step | s/step | peak memory MB | report acc (final) | KL to ref (final) "
+        "| KL at target acc | s to target (incl. Stage 1) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
         lines.append(
-            f"| {name} | {m['samples_per_step']} | {m['step_seconds']:.2f} | {m['prompt_seconds']:.2f} | "
-            f"{_fmt(m['tokens_per_second'], '.0f')} | {m['peak_memory_mb']:.0f} | {m['accuracy']:.0%} / "
-            f"{m['best_accuracy']:.0%} | {m['kl_to_ref']:.2f} | {_fmt(m['seconds_to_target'], '.0f', 'not reached')} | "
-            f"{_fmt(m.get('astarpo_step_time_ratio'), '.2f')} | {_fmt(m.get('astarpo_memory_ratio'), '.2f')} | "
-            f"{_fmt(m.get('astarpo_time_to_target_ratio'), '.2f', 'not reached')} |")
-    for name, m in methods.items():
-        if m["stage1_seconds"]:
-            lines += ["", f"{name}'s Stage 1 took {m['stage1_seconds']:.0f} s (in its time to target, not its step "
-                          "time)."]
+            f"| {name} | {m['learning_rate']:g} | {m['samples_per_step']} | {_pm(m, 'step_seconds', '.2f')} | "
+            f"{_pm(m, 'peak_memory_mb', '.0f')} | {_pm(m, 'accuracy', '.1f', 100)} | {_pm(m, 'kl_to_ref', '.2f')} | "
+            f"{_pm(m, 'kl_at_target', '.2f')} | {_pm(m, 'seconds_to_target', '.0f')} |")
+    stage1 = {n: m for n, m in methods.items() if m["stage1_seconds"]}
+    for name, m in stage1.items():
+        lines += ["", f"{name}'s Stage 1 took {_pm(m, 'stage1_seconds', '.0f')} s per seed (in its time to target, "
+                      "not its step time)."]
+    if "astarpo" in methods and len(methods) > 1:
+        lines += ["", "A*-PO against each method (a difference counts when it exceeds twice its standard error over "
+                      "seeds; n/a: a target some seed did not reach):", "",
+                  "| against | " + " | ".join(VERDICT_KEYS) + " |", "|---" * (len(VERDICT_KEYS) + 1) + "|"]
+        for name, m in methods.items():
+            if name != "astarpo":
+                lines.append(f"| {name} | " + " | ".join(m["astarpo_verdict"][k] for k in VERDICT_KEYS) + " |")
+    rates = list(next(iter(report["learning_rate_sweep"].values())))
+    lines += ["", f"Learning-rate sweep at seed {s['seeds'].split(',')[0]} (validation accuracy after the last step, "
+                  "report accuracy and KL in brackets); each method's best is its rate above:", "",
+              "| method | " + " | ".join(rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    for name, by_lr in report["learning_rate_sweep"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{by_lr[r]['validation_accuracy']:.0%} ({by_lr[r]['accuracy']:.0%}, {by_lr[r]['kl_to_ref']:.2f})"
+            for r in rates) + " |")
     external = [name for name in methods if name.startswith("trl-")]
     if external:
-        lines += ["", f"{', '.join(external)}: TRL's trainers on the same prompts, reward and budget, each run as one "
-                      "process after the interleaved rounds; TRL does not report tokens/s per step."]
+        lines += ["", f"{', '.join(external)}: TRL's trainers on the same prompts, reward and budget at the first "
+                      "learning rate (not swept), each run as one process after the interleaved rounds."]
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Held-out accuracy and KL to the reference against training seconds (A*-PO's curve starts after Stage 1)."""
+    """Held-out accuracy against training seconds, and the accuracy/KL frontier: one thin line per seed, the mean
+    thick (A*-PO's seconds include its Stage 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, kl) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, m in report["methods"].items():
-        x = [c["train_seconds"] + m["stage1_seconds"] for c in m["curve"]]
-        acc.plot(x, [c["accuracy"] for c in m["curve"]], "o-", label=name)
-        kl.plot(x, [c["kl_to_ref"] for c in m["curve"]], "o-", label=name)
-        if name == "astarpo" and m["stage1_seconds"]:
-            acc.axvspan(0, m["stage1_seconds"], color="grey", alpha=0.15, label="A*-PO Stage 1")
+    fig, (acc, front) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (name, m) in enumerate(report["methods"].items()):
+        color = f"C{i}"
+        for r in m["seeds"].values():
+            acc.plot([c["train_seconds"] + r["stage1_seconds"] for c in r["curve"]],
+                     [c["accuracy"] for c in r["curve"]], "-", color=color, alpha=0.3, lw=1)
+            front.plot([c["kl_to_ref"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]], "-",
+                       color=color, alpha=0.3, lw=1)
+        curve = m["curve"]
+        acc.plot([c["train_seconds"] + m["stage1_seconds"] for c in curve], [c["accuracy"] for c in curve], "o-",
+                 color=color, lw=2, label=f"{name} (lr {m['learning_rate']:g})")
+        front.plot([c["kl_to_ref"] for c in curve], [c["accuracy"] for c in curve], "o-", color=color, lw=2,
+                   label=name)
     if report["target_accuracy"] is not None:
-        acc.axhline(report["target_accuracy"], color="black", ls=":", lw=1, label="target")
-    xlabel = "seconds (Stage 2 steps, plus Stage 1 where there is one)"
-    acc.set(xlabel=xlabel, ylabel="held-out accuracy (greedy)", ylim=(0, 1))
-    kl.set(xlabel=xlabel, ylabel="KL(pi || pi_ref), nats")
-    for ax in (acc, kl):
+        for ax in (acc, front):
+            ax.axhline(report["target_accuracy"], color="black", ls=":", lw=1, label="target")
+    acc.set(xlabel="seconds (Stage 2 steps, plus Stage 1 where there is one)", ylabel="report accuracy (greedy)")
+    front.set(xlabel="KL(pi || pi_ref), nats", ylabel="report accuracy (greedy)",
+              title="frontier: up and to the left is better")
+    for ax in (acc, front):
         ax.grid(alpha=0.3)
     acc.legend(fontsize=8)
-    fig.suptitle(f"A*-PO vs baselines, {report['settings']['batch_size']} prompts per step")
+    seeds = len(next(iter(report["methods"].values()))["seeds"])
+    fig.suptitle(f"A*-PO vs baselines, {report['settings']['batch_size']} prompts per step, {seeds} seed(s): "
+                 "thin lines are seeds, thick their mean")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -369,22 +369,34 @@ class BenchConfig:
     external: str = field(default="", metadata={"help": "comma list of TRL trainers to add as rows: trl-grpo, "
                                                         "trl-a2po (needs trl: pip install 'astarpo[trl]')"})
     batch_size: int = field(default=8, metadata={"help": "prompts per step, the same for every method"})
-    steps: int = field(default=24, metadata={"help": "Stage 2 steps per method"})
+    steps: int = field(default=12, metadata={"help": "Stage 2 steps per method and seed"})
     eval_every: int = field(default=6, metadata={"help": "steps per segment; the checkpoint is scored after each"})
     train_prompts: int = field(default=160, metadata={"help": "training prompts (A*-PO's Stage 1 runs on these)"})
-    eval_limit: int = field(default=100, metadata={"help": "held-out prompts scored after each segment"})
+    seeds: str = field(default="0,1,2", metadata={"help": "comma list of seeds: every method trains once per seed "
+                                                          "(Stage 1 included), the first seed also sweeps"})
+    learning_rates: str = field(default="1e-5,2e-5", metadata={
+        "help": "comma list swept per method at the first seed; each method then trains the other seeds at the one "
+                "with the best validation accuracy"})
+    eval_limit: int | None = field(default=None, metadata={
+        "help": "held-out problems scored (default: all): the training set's problems after the first "
+                "train_prompts, then the recipe's test split"})
+    validation_prompts: int = field(default=100, metadata={
+        "help": "the first held-out problems, which pick each method's learning rate; the rest report accuracy"})
+    kl_prompts: int = field(default=100, metadata={"help": "reported held-out problems whose sampled responses "
+                                                            "estimate KL to the reference"})
     target_accuracy: float | None = field(default=None, metadata={
-        "help": "accuracy whose time-to-reach is reported (default: halfway from the untrained model's accuracy "
-                "to the best any method reached)"})
+        "help": "accuracy at which time and KL are compared (default: halfway from the untrained model's accuracy "
+                "to the best method's mean final accuracy)"})
     output_dir: str = "runs/bench"
     json: str | None = field(default=None, metadata={"help": "also write the raw figures here"})
     engine: str = field(default="hf", metadata={"help": "generation engine of Stage 1 and of every method's "
                                                         "Stage 2: hf | vllm (checkpoints are scored with hf)"})
-    quick: bool = field(default=False, metadata={"help": "a few minutes: 2 steps of 4 prompts, 32 training and "
-                                                         "20 held-out prompts"})
+    quick: bool = field(default=False, metadata={"help": "a few minutes: one seed, one learning rate, 2 steps of 4 "
+                                                         "prompts, 32 training and 20 held-out prompts"})
 
     def __post_init__(self) -> None:
-        sizes = {"batch_size": 4, "steps": 2, "eval_every": 2, "train_prompts": 32, "eval_limit": 20}
+        sizes = {"batch_size": 4, "steps": 2, "eval_every": 2, "train_prompts": 32, "eval_limit": 20,
+                 "validation_prompts": 10, "kl_prompts": 10, "seeds": "0", "learning_rates": "1e-5"}
         if self.quick:
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             changed = [n for n in sizes if getattr(self, n) != defaults[n]]
@@ -392,9 +404,21 @@ class BenchConfig:
                 raise ConfigError(f"quick sets {', '.join(changed)} itself; drop quick or those settings")
             for name, value in sizes.items():
                 setattr(self, name, value)
-        for name in sizes:
+        for name in ("batch_size", "steps", "eval_every", "train_prompts", "validation_prompts", "kl_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_limit is not None and self.eval_limit <= self.validation_prompts:
+            raise ConfigError(f"eval_limit ({self.eval_limit}) must exceed validation_prompts "
+                              f"({self.validation_prompts}): the problems after them report accuracy")
+        try:
+            seeds = [int(s) for s in _comma_list(self.seeds)]
+            rates = [float(x) for x in _comma_list(self.learning_rates)]
+        except ValueError as e:
+            raise ConfigError(f"seeds are integers and learning_rates numbers: {e}") from e
+        if not seeds or len(set(seeds)) < len(seeds):
+            raise ConfigError(f"seeds must list each seed once, got {self.seeds!r}")
+        if not rates or len(set(rates)) < len(rates) or min(rates) <= 0:
+            raise ConfigError(f"learning_rates must list distinct positive rates, got {self.learning_rates!r}")
         _choice("engine", self.engine, ("hf", "vllm"))
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             from .engines import VLLM_MISSING
@@ -410,6 +434,14 @@ class BenchConfig:
             raise ConfigError(f"algos must list each method once, got {self.algos!r}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+
+    @property
+    def seed_values(self) -> list[int]:
+        return [int(s) for s in _comma_list(self.seeds)]
+
+    @property
+    def learning_rate_values(self) -> list[float]:
+        return [float(x) for x in _comma_list(self.learning_rates)]
 
     @property
     def algo_names(self) -> list[str]:

@@ -127,7 +127,8 @@ def eval_row(path: Path, result: dict[str, Any]) -> Row:
 
 
 def bench_rows(bench: dict[str, Any]) -> list[Row]:
-    """`astarpo bench`'s JSON: one row per method, its accuracy/KL curve against training seconds."""
+    """`astarpo bench`'s JSON: one row per method, its figures and accuracy/KL curve against training seconds
+    averaged over the bench's seeds."""
     rows = []
     for name, m in bench["methods"].items():
         row = Row(name, name, held_out=m["accuracy"], kl=m["kl_to_ref"],
