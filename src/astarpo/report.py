@@ -169,8 +169,8 @@ def load(paths: list[str]) -> tuple[list[Row], list[str]]:
             rows += bench_rows(data)
             recipe = data.get("settings", {}).get("recipe", {})
             sources.append(f"`{path}`: `astarpo bench`, {len(data['methods'])} methods, model "
-                           f"`{recipe.get('model', '?')}`, task `{recipe.get('data', '?')}` (held-out acc: its test "
-                           f"split; Stage 2 hours exclude the scoring)")
+                           f"`{recipe.get('model', '?')}`, task `{recipe.get('data', '?')}` (held-out acc: problems no "
+                           f"method trains on; figures are means over seeds; Stage 2 hours exclude the scoring)")
         elif isinstance(data, dict) and "model" in data and ("benchmarks" in data or "accuracy" in data):
             row = eval_row(path, data)
             model = Path(str(data["model"])).resolve()
