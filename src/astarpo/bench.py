@@ -138,13 +138,12 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     if "base" not in scores:
         scores["base"] = {"0": scorer(None)}
         write_json_atomic(scores_file, scores)
-    sweep = [(seeds[0], lr, algo) for lr in rates for algo in cfg.algo_names]
-    rest = [(seed, lr, algo) for seed in seeds[1:] for algo in cfg.algo_names for lr in rates]
-    bar = tqdm(total=len(cfg.segments) * len(cfg.algo_names) * (len(sweep) // len(cfg.algo_names) + len(seeds) - 1)
+    bar = tqdm(total=len(cfg.segments) * len(cfg.algo_names) * (len(rates) + len(seeds) - 1)
                + len(seeds) * len(cfg.external_names), desc="bench", dynamic_ncols=True)
-    _train(cfg, out, sweep, scores, scorer, bar)
+    _train(cfg, out, [(seeds[0], lr, algo) for lr in rates for algo in cfg.algo_names], scores, scorer, bar)
     chosen = choose_rates(cfg, scores)
-    _train(cfg, out, [r for r in rest if r[1] == chosen[r[2]]], scores, scorer, bar)
+    _train(cfg, out, [(seed, chosen[algo], algo) for seed in seeds[1:] for algo in cfg.algo_names], scores, scorer,
+           bar)
     for seed in seeds:  # TRL's trainers: one whole run each, after the interleaved rounds, at the first rate
         for name in cfg.external_names:
             bar.set_postfix(method=name, seed=seed)
