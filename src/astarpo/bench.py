@@ -38,8 +38,8 @@ import yaml
 from . import __version__, rewards
 from .config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
 from .data import encode_prompts, load_records
-from .evaluate import evaluate
-from .generation import HFSampler, SamplingParams, sequence_logprobs
+from .evaluate import evaluate, kl_to_ref
+from .generation import HFSampler, SamplingParams
 from .models import eos_ids, load_model, load_tokenizer, resolve_model
 from .objectives import OBJECTIVES
 from .rundir import check_same_settings, write_json_atomic
@@ -104,10 +104,9 @@ class _Scorer:
         torch.manual_seed(self.recipe.seed)  # the same KL samples for the same weights
         sampled = HFSampler(model, self.tokenizer, eos_ids(model, self.tokenizer)).generate(
             self.prompt_ids[report], 1, SamplingParams(1.0, 1.0, self.recipe.max_new_tokens))
-        pad = self.tokenizer.pad_token_id
-        kl = (sequence_logprobs(model, sampled, pad) - sequence_logprobs(self.ref, sampled, pad)).double().mean()
         return {"accuracy": statistics.fmean(right[self.validation:]),
-                "validation_accuracy": statistics.fmean(right[: self.validation]), "kl_to_ref": float(kl)}
+                "validation_accuracy": statistics.fmean(right[: self.validation]),
+                "kl_to_ref": kl_to_ref(model, self.ref, sampled, self.tokenizer.pad_token_id)}
 
 
 def _lr(x: float) -> str:
@@ -163,6 +162,11 @@ def _run_dir(out: Path, seed: int, lr: float, algo: str) -> Path:
     return out / f"seed{seed}" / f"lr{_lr(lr)}" / algo
 
 
+def _key(seed: int, lr: float, algo: str) -> str:
+    """A run's entry in scores.json."""
+    return _key(seed, lr, algo)
+
+
 def _stage1(cfg: BenchConfig, out: Path, seed: int) -> Path:
     """The seed's A*-PO values, computed (and timed) once, on every training prompt."""
     shared, stage1, _ = recipe(cfg, seed)
@@ -194,7 +198,7 @@ def _train(cfg: BenchConfig, out: Path, runs: list[tuple[int, float, str]], scor
     for k, end in enumerate(cfg.segments):
         for seed, lr, algo in runs[k % len(runs):] + runs[: k % len(runs)]:
             bar.set_postfix(method=algo, seed=seed, lr=_lr(lr), step=end)
-            key, run = f"{seed}/{_lr(lr)}/{algo}", _run_dir(out, seed, lr, algo)
+            key, run = _key(seed, lr, algo), _run_dir(out, seed, lr, algo)
             if str(end) not in scores.get(key, {}):
                 _run(["train", "--config", str(run.parent / f"{algo}.yaml"), "--steps", str(end)],
                      run.parent / f"{algo}.log")
@@ -210,7 +214,7 @@ def choose_rates(cfg: BenchConfig, scores: dict[str, Any]) -> dict[str, float]:
     listed). Validation problems are not the reported ones, so the pick does not flatter the report."""
     last, seed = str(cfg.steps), cfg.seed_values[0]
     return {algo: max(cfg.learning_rate_values,
-                      key=lambda lr: (scores[f"{seed}/{_lr(lr)}/{algo}"][last]["validation_accuracy"],
+                      key=lambda lr: (scores[_key(seed, lr, algo)][last]["validation_accuracy"],
                                       -cfg.learning_rate_values.index(lr)))
             for algo in cfg.algo_names}
 
@@ -218,7 +222,7 @@ def choose_rates(cfg: BenchConfig, scores: dict[str, Any]) -> dict[str, float]:
 def _external(cfg: BenchConfig, out: Path, seed: int, name: str, scores: dict[str, Any], scorer: _Scorer) -> None:
     """One TRL trainer's whole run at ``seed`` and the first learning rate, then its checkpoints scored."""
     lr = cfg.learning_rate_values[0]
-    key, run = f"{seed}/{_lr(lr)}/{name}", _run_dir(out, seed, lr, name)
+    key, run = _key(seed, lr, name), _run_dir(out, seed, lr, name)
     if str(cfg.steps) in scores.get(key, {}):
         return
     _, stage1, stage2 = recipe(cfg, seed)
@@ -250,7 +254,7 @@ def summarize(cfg: BenchConfig, scores: dict[str, dict[str, dict[str, float]]]) 
     each baseline."""
     out, base = Path(cfg.output_dir), scores["base"]["0"]
     chosen = choose_rates(cfg, scores)
-    sweep = {algo: {_lr(lr): scores[f"{cfg.seed_values[0]}/{_lr(lr)}/{algo}"][str(cfg.steps)]
+    sweep = {algo: {_lr(lr): scores[_key(cfg.seed_values[0], lr, algo)][str(cfg.steps)]
                     for lr in cfg.learning_rate_values} for algo in cfg.algo_names}
     lrs = {**chosen, **{name: cfg.learning_rate_values[0] for name in cfg.external_names}}
     runs = {name: {seed: _run_figures(out, seed, lr, name, scores, base, cfg.steps, cfg.batch_size)
@@ -297,7 +301,7 @@ def _run_figures(out: Path, seed: int, lr: float, name: str, scores: dict[str, A
     run = _run_dir(out, seed, lr, name)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     lines = [m for m in lines if "step_seconds" in m][:steps]
-    points = scores[f"{seed}/{_lr(lr)}/{name}"]
+    points = scores[_key(seed, lr, name)]
     elapsed, curve = 0.0, [{"step": 0, "train_seconds": 0.0, **base}]
     for m in lines:
         elapsed += m["step_seconds"]
@@ -359,10 +363,6 @@ def _verdict(a: dict[str, Any], b: dict[str, Any], key: str, higher_is_better: b
 def _median(steps: list[dict[str, Any]], key: str) -> float | None:
     values = [m[key] for m in steps if key in m]
     return round(statistics.median(values), 3) if values else None
-
-
-def _fmt(x: float | None, spec: str, none: str = "n/a") -> str:
-    return none if x is None else f"{x:{spec}}"
 
 
 def _pm(m: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:

@@ -411,8 +411,7 @@ class BenchConfig:
             raise ConfigError(f"eval_limit ({self.eval_limit}) must exceed validation_prompts "
                               f"({self.validation_prompts}): the problems after them report accuracy")
         try:
-            seeds = [int(s) for s in _comma_list(self.seeds)]
-            rates = [float(x) for x in _comma_list(self.learning_rates)]
+            seeds, rates = self.seed_values, self.learning_rate_values
         except ValueError as e:
             raise ConfigError(f"seeds are integers and learning_rates numbers: {e}") from e
         if not seeds or len(set(seeds)) < len(seeds):

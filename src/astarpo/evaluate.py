@@ -23,7 +23,7 @@ from .benchmarks import get_benchmark, load_benchmark
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
 from .engines import make_sampler
-from .generation import HFSampler, Sampler, SamplingParams, collect, sequence_logprobs
+from .generation import HFSampler, Rollout, Sampler, SamplingParams, collect, sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .rundir import RUN_FILE, diff_settings, write_json_atomic, write_text_atomic
 
@@ -61,14 +61,18 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[l
         sampled = sampler.generate(prompt_ids, 1, params, bar.update)  # the KL needs samples, not rewards
     bar.close()
     if ref_model is not None:
-        pad = tokenizer.pad_token_id
-        log_ratio = (sequence_logprobs(model, sampled, pad, micro_batch_size)
-                     - sequence_logprobs(ref_model, sampled, pad, micro_batch_size))
-        result["kl_to_ref"] = float(log_ratio.double().mean())
+        result["kl_to_ref"] = kl_to_ref(model, ref_model, sampled, tokenizer.pad_token_id, micro_batch_size)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["samples"] = [{"id": rec["id"], "answer": rec["answer"], "greedy": c, "reward": float(r)}
                          for rec, c, r in zip(records, greedy.completions, g.tolist())]
     return result
+
+
+def kl_to_ref(model: Any, ref_model: Any, sampled: Rollout, pad_id: int, micro_batch_size: int = 8) -> float:
+    """KL(pi || pi_ref) estimated on responses sampled from ``model``: the mean summed log-ratio."""
+    log_ratio = (sequence_logprobs(model, sampled, pad_id, micro_batch_size)
+                 - sequence_logprobs(ref_model, sampled, pad_id, micro_batch_size))
+    return float(log_ratio.double().mean())
 
 
 def _nanmean(x: torch.Tensor) -> float:
