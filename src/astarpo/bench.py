@@ -164,7 +164,7 @@ def _run_dir(out: Path, seed: int, lr: float, algo: str) -> Path:
 
 def _key(seed: int, lr: float, algo: str) -> str:
     """A run's entry in scores.json."""
-    return _key(seed, lr, algo)
+    return f"{seed}/{_lr(lr)}/{algo}"
 
 
 def _stage1(cfg: BenchConfig, out: Path, seed: int) -> Path:
