@@ -1,3 +1,4 @@
+import ast
 import shutil
 import subprocess
 from pathlib import Path
@@ -5,9 +6,74 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "astarpo"
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed (pip install -e '.[test]')")
 def test_ruff_clean():
     res = subprocess.run(["ruff", "check", "src", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports, at the top or inside a function.
+
+    Importing ``a.b.c`` runs ``a.b`` first, so that counts as importing both. Imports of a module's own
+    packages are left out: Python runs a package's ``__init__`` before any of its modules, so a module reading a
+    name its package defined (``from . import __version__``, a registry's ``register``) closes no circle.
+    """
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0]
+                target = f"{base}.{node.module}" if node.module else base
+                targets |= {f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.split(".")[0] == PACKAGE.name}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == PACKAGE.name:
+                targets.add(node.module)
+        targets |= {t.rsplit(".", i)[0] for t in targets for i in range(1, t.count(".") + 1)}
+        graph[name] = {t for t in targets if t in modules and not (name + ".").startswith(t + ".")}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Circles in ``graph``, each a path that starts and ends at the same module; at least one wherever any is."""
+    cycles, done = [], set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycles.append(path[path.index(name):] + [name])
+            return
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, path + [name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    return cycles
+
+
+def test_import_graph_sees_function_level_imports():
+    graph = import_graph()
+    assert "astarpo.plan" in graph["astarpo.cli"]  # imported inside main()
+    assert "astarpo.rewards.math" in graph["astarpo.data"] and "astarpo.rewards" in graph["astarpo.data"]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_import_cycles():
+    """A circle works only while every import in it stays inside a function or below the names it needs; the
+    next top-level import breaks it. One module owns each shared name instead."""
+    cycles = import_cycles(import_graph())
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, load_records
+from .data import PACKAGED_DATA, DataError, load_records
 
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "ASTARPO_DATA_DIR"
-PACKAGED_DATA = Path(__file__).with_name("benchmark_data")  # README.md and SHA256SUMS beside the files
 _SOLUTION_COLUMNS = ("solution", "solutions")  # reference solutions (olympiadbench keeps all in "solutions")
 
 GSM8K_TEMPLATE = ("{problem}\n\nSolve the problem step by step. On the last line, write the final answer as "

