@@ -11,7 +11,8 @@ import math
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from astarpo.generation import Rollout, collate, response_logprobs
+from astarpo.generation import Rollout
+from astarpo.logprobs import collate, response_logprobs
 from astarpo.objectives import astarpo_loss
 from astarpo.values import v_star
 

@@ -7,7 +7,8 @@ import logging
 import torch
 from transformers import GenerationConfig
 
-from astarpo.generation import _generate_shared_prefill, collate, response_logprobs, sample
+from astarpo.generation import _generate_shared_prefill, sample
+from astarpo.logprobs import collate, response_logprobs
 from astarpo.models import eos_ids, load_model, load_tokenizer
 from astarpo.tasks import ArithmeticTask
 

@@ -8,7 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from astarpo.generation import Rollout, _plain_logprobs, collate, response_logprobs
+from astarpo.generation import Rollout
+from astarpo.logprobs import _plain_logprobs, collate, response_logprobs
 from astarpo.models import add_lora, load_model
 
 VOCAB = 400  # the tiny model's vocabulary may be a little smaller (BPE merges); batches use ids < 300

@@ -7,7 +7,7 @@ from test_pipeline import DigitReward, _train_cfg, _values
 from astarpo import Trainer
 from astarpo.config import EvalConfig
 from astarpo.evaluate import run_eval
-from astarpo.generation import sequence_logprobs
+from astarpo.logprobs import sequence_logprobs
 from astarpo.models import load_model
 
 

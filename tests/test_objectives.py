@@ -1,6 +1,7 @@
 import torch
 
-from astarpo.generation import Rollout, collate, response_logprobs
+from astarpo.generation import Rollout
+from astarpo.logprobs import collate, response_logprobs
 from astarpo.objectives import astarpo_loss
 
 

@@ -3,7 +3,8 @@
 import torch
 
 from astarpo.data import encode_prompts, load_records
-from astarpo.generation import Rollout, collate, response_logprobs
+from astarpo.generation import Rollout
+from astarpo.logprobs import collate, response_logprobs
 from astarpo.models import DEFAULT_MODEL, eos_ids, load_model, load_tokenizer, resolve_model
 
 

@@ -23,7 +23,8 @@ from .benchmarks import get_benchmark, load_benchmark
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
 from .engines import make_sampler
-from .generation import HFSampler, Rollout, Sampler, SamplingParams, collect, sequence_logprobs
+from .generation import HFSampler, Rollout, Sampler, SamplingParams, collect
+from .logprobs import sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .rundir import RUN_FILE, diff_settings, write_json_atomic, write_text_atomic
 

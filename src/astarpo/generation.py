@@ -1,10 +1,11 @@
-"""Sampling, scoring and response log-probabilities: the one path from prompts to scored responses.
+"""Sampling and scoring: the one path from prompts to scored responses.
 
 Stage 1, Stage 2 (every objective) and evaluation all call :func:`collect`: a :class:`Sampler` draws the
 responses, the reward function scores them. A sampler is the seam for generation engines: :class:`HFSampler`
 runs Hugging Face ``generate`` on a model in this process; another engine implements the same two methods.
-Log-probs for losses always come from the training model, through :func:`response_logprobs`, so the masks are
-defined once.
+:func:`sample` is HF generation itself, with every setting that decides the drawn tokens explicit
+(:func:`sampling_settings`). Log-probs for losses always come from the training model, through
+:mod:`astarpo.logprobs`, so the masks are defined once.
 
 A response is the generated tokens up to and including the first EOS; anything generate() wrote after it
 (padding) is not part of it. A response that hit ``max_new_tokens`` without EOS is kept as truncated.
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.utils.checkpoint
 
 from . import rewards
 
@@ -104,124 +104,6 @@ def collect(sampler: Sampler, records: list[dict[str, Any]], prompt_tokens: list
     roll.rewards = rewards.score_records(reward_fn, [records[i] for i in roll.prompt_index], roll.completions,
                                          on_reward_error)
     return roll
-
-
-def collate(rollout: Rollout, pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Left-padded prompts followed by right-padded responses, with the masks the loss needs."""
-    P = max(len(p) for p in rollout.prompt_tokens)
-    R = max(1, max(len(r) for r in rollout.response_tokens))
-    B = len(rollout)
-    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
-    response_mask = torch.zeros((B, R), dtype=torch.float32)
-    for i, (p, r) in enumerate(zip(rollout.prompt_tokens, rollout.response_tokens)):
-        input_ids[i, P - len(p) : P] = torch.tensor(p)
-        attention_mask[i, P - len(p) : P + len(r)] = 1
-        if r:
-            input_ids[i, P : P + len(r)] = torch.tensor(r)
-            response_mask[i, : len(r)] = 1.0
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-           "response_mask": response_mask}
-    return {k: v.to(device) for k, v in out.items()}
-
-
-# Config attributes of models whose logits are not just lm_head(hidden) (Gemma 2/3 soft-capping, Cohere and
-# Granite scaling): for these the chunked path would be wrong, so response_logprobs computes the plain way.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-# Response tokens per lm_head chunk: about 2**26 logits, 256 MiB in float32, whatever the vocabulary.
-_CHUNK_LOGITS = 2**26
-
-
-def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
-    """Per-token log pi(y_t | x, y_<t) at temperature 1, zero outside the response mask; shape [B, R].
-
-    Full float32 logits are never materialised. The model (DDP-, FSDP2-, DeepSpeed- or peft-wrapped alike) runs
-    its own forward pass, in which its output embedding (the lm_head, tied or not, LoRA-wrapped or not) gets, for
-    this call only, a forward that turns the hidden states of the response tokens (``logits_to_keep`` keeps the
-    R+1 positions that predict them; padding is skipped) into their log-probs, ``chunk_tokens`` tokens at a
-    time, each chunk upcast to float32 for log-softmax. The head is still called as a module, so FSDP2 and
-    DeepSpeed gather its sharded weight around it (in backward too), and its result is the model's output. With
-    gradients, each chunk is recomputed in backward (activation checkpointing), so the autograd graph holds one
-    float per token, not a row of V logits.
-
-    Peak memory beyond the backbone's: the plain way keeps [B, R, V] logits in the compute dtype plus a float32
-    copy and the log-softmax's temporaries (for Qwen2.5, V = 151,936, micro-batch 8 x 1024 response tokens:
-    about 5 GB for the float32 copy alone, and all of it saved for backward); here it is the [B, R, H] hidden
-    slice (saved by the backbone anyway) and one chunk of ``chunk_tokens`` x V (default about 2**26 logits,
-    256 MiB in float32) and its gradient, at a time.
-    """
-    head = _output_head(model)
-    if head is None:
-        return _plain_logprobs(model, batch)
-    R = batch["response_mask"].shape[1]
-    mask = batch["response_mask"].bool()
-    targets = batch["input_ids"][:, -R:][mask]  # response tokens only: [N]
-    step = chunk_tokens or max(1, _CHUNK_LOGITS // max(1, _vocab_size(model, head)))
-    logits_of = head.forward  # the head's own computation, e.g. F.linear(h, W) or LoRA's
-    called = []
-
-    def token_logprobs(hidden: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
-        called.append(True)
-        h = hidden[:, :-1][mask]  # [N, H]: position t predicts response token t
-        grad = torch.is_grad_enabled() and h.requires_grad
-        parts = [torch.utils.checkpoint.checkpoint(_chunk_logprobs, logits_of, h[i : i + step], targets[i : i + step],
-                                                   use_reentrant=False) if grad
-                 else _chunk_logprobs(logits_of, h[i : i + step], targets[i : i + step])
-                 for i in range(0, len(targets), step)]
-        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
-
-    own = head.__dict__.get("forward")  # an instance-level forward set by someone else, restored below
-    head.forward = token_logprobs
-    try:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
-    finally:
-        if own is None:
-            del head.forward
-        else:
-            head.forward = own
-    token_logp = out.logits
-    if not called:
-        raise RuntimeError(f"{type(head).__name__}, the output embedding, was not called by the model's forward")
-    if token_logp.shape != targets.shape:
-        raise RuntimeError(f"{type(model).__name__} changes its logits after the output embedding; add its config "
-                           "attribute to astarpo.generation._LOGIT_TRANSFORMS")
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, token_logp.float())
-
-
-def _chunk_logprobs(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                    targets: torch.Tensor) -> torch.Tensor:
-    logits = logits_of(hidden).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def _output_head(model: Any) -> Any:
-    """The module that turns hidden states into logits, or None when logits are more than that (or unknown)."""
-    inner = model
-    while hasattr(inner, "module"):  # DistributedDataParallel, DeepSpeedEngine
-        inner = inner.module
-    config = getattr(inner, "config", None)
-    if not hasattr(inner, "get_output_embeddings") or any(getattr(config, a, None) not in (None, 1, 1.0)
-                                                          for a in _LOGIT_TRANSFORMS):
-        return None
-    return inner.get_output_embeddings()
-
-
-def _vocab_size(model: Any, head: Any) -> int:
-    """From the layer's declared size, not its weight: under ZeRO-3 the local weight is an empty shard."""
-    return getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None) or 2**17
-
-
-def _plain_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reference computation: [B, R, V] logits from the model, upcast whole (models without a plain head)."""
-    R = batch["response_mask"].shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False).logits
-    logits = logits[:, :-1].float()
-    targets = batch["input_ids"][:, -R:]
-    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return token_logp * batch["response_mask"]
 
 
 # Every GenerationConfig field that changes which tokens generate() draws, at the value that leaves the model's
@@ -386,25 +268,3 @@ def sample(
     return Rollout(prompt_index=index, prompt_tokens=[prompt_tokens[i] for i in index], response_tokens=tokens,
                    completions=tokenizer.batch_decode(tokens, skip_special_tokens=True),
                    truncated=[t for _, t in responses])
-
-
-@torch.no_grad()
-def token_logprobs(model: Any, rollout: Rollout, pad_id: int, micro_batch_size: int = 8,
-                   fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] = response_logprobs) -> torch.Tensor:
-    """Per-token values of ``fn(model, batch)`` (default: response log-probs) without gradients, as one
-    [rows, longest response] tensor on the CPU, zero past each response."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = torch.zeros(len(rollout), max(1, max(rollout.lengths, default=1)))
-    for start in range(0, len(rollout), micro_batch_size):
-        rows = list(range(start, min(start + micro_batch_size, len(rollout))))
-        values = fn(model, collate(rollout.select(rows), pad_id, device)).float().cpu()
-        out[start : start + len(rows), : values.shape[1]] = values
-    model.train(was_training)
-    return out
-
-
-def sequence_logprobs(model: Any, rollout: Rollout, pad_id: int, micro_batch_size: int = 8) -> torch.Tensor:
-    """Summed response log-probs per row, without gradients (reference scoring, KL estimates); shape [B]."""
-    return token_logprobs(model, rollout, pad_id, micro_batch_size).sum(-1)

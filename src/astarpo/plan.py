@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .logprobs import LOGITS_CHUNK
+
 GIB = 2**30
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
-_LOGITS_CHUNK = 2**26  # logits per chunk of generation.response_logprobs
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, p
     kept = tokens * 3 * residual * s.hidden + rows * residual * s.hidden  # embeddings, final norm, head input
     # Log-probs: bf16 logits, their float32 copy, the log-softmax temporaries and the gradient in backward,
     # 16 bytes per logit, for one chunk of response tokens at a time (or the whole micro-batch, unchunked).
-    chunk = min(rows, max(1, _LOGITS_CHUNK // s.vocab)) if chunked_logits else rows
+    chunk = min(rows, max(1, LOGITS_CHUNK // s.vocab)) if chunked_logits else rows
     out["logits"] = 16 * chunk * s.vocab
     if gradient_checkpointing:  # layer inputs kept; the peak is one of: the head's first float32 chunk while
         # autocast's cache still holds the copies, the head's chunk in backward, or one layer recomputed
@@ -272,7 +273,8 @@ def measure(s: Shape, micro_batch: int, prompt_tokens: int, response_tokens: int
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from .generation import Rollout, collate, response_logprobs
+    from .generation import Rollout
+    from .logprobs import collate, response_logprobs
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,

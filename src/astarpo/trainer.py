@@ -43,7 +43,8 @@ from .distributed import (
 )
 from .engines import make_sampler
 from .evaluate import evaluate
-from .generation import Rollout, SamplingParams, collate, collect, response_logprobs, token_logprobs
+from .generation import Rollout, SamplingParams, collect
+from .logprobs import collate, response_logprobs, token_logprobs
 from .models import ValueModel, add_lora, content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .objectives import OBJECTIVES, Batch
 from .rundir import (

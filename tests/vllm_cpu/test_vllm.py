@@ -32,7 +32,8 @@ from astarpo import TrainConfig, Trainer, ValuesConfig, compute_values, engines 
 from astarpo.config import EvalConfig  # noqa: E402
 from astarpo.data import load_prompts  # noqa: E402
 from astarpo.evaluate import run_eval  # noqa: E402
-from astarpo.generation import HFSampler, SamplingParams, collate, response_logprobs  # noqa: E402
+from astarpo.generation import HFSampler, SamplingParams  # noqa: E402
+from astarpo.logprobs import collate, response_logprobs  # noqa: E402
 from astarpo.models import eos_ids, load_model, load_tokenizer  # noqa: E402
 from astarpo.values import read_values  # noqa: E402
 
