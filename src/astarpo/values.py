@@ -153,6 +153,32 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     reward_name, reward_fn = rewards.resolve(reward or cfg.reward)
     out = Path(cfg.output)
     model_dir = resolve_model(cfg.model)
+    provenance = _provenance(cfg, model_dir, reward_name)
+    state = PartialState(cpu=cpu_processes())  # rank and world size under `accelerate launch`; one process otherwise
+    if out.exists():
+        _check_finished(out, provenance)
+        log.info("%s is already complete", out)
+        return out
+    check_writable(out.parent)
+    # Bad data fails here, before anything is written.
+    tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
+    records, prompt_ids = load_prompts(tokenizer, cfg)
+    shards_dir = out.with_name(out.name + ".shards")
+    _resume_shards(shards_dir, provenance, state)
+    n_shards = math.ceil(len(records) / cfg.shard_size)
+    start = time.perf_counter()
+    _sample_missing_shards(cfg, model_dir, tokenizer, records, prompt_ids, reward_name, reward_fn, shards_dir,
+                           n_shards, state)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _merge_shards(shards_dir, n_shards, len(records), provenance, start, out)
+    state.wait_for_everyone()  # the other processes return once rank 0 has written the values file
+    return out
+
+
+def _provenance(cfg: ValuesConfig, model_dir: Path, reward_name: str) -> dict[str, Any]:
+    """Every setting that decides the rows of the values file: a resumed or rerun Stage 1 must match all of them,
+    a training run the :data:`SAMPLING_KEYS` among them."""
     provenance = {
         "format_version": FORMAT_VERSION, "astarpo_version": __version__,
         **reference_provenance(cfg, model_dir, reward_name), "n": cfg.n, "seed": cfg.seed, "data": cfg.data,
@@ -163,22 +189,23 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     if cfg.adaptive:  # only then, so that files from fixed-N runs keep matching their settings
         provenance.update(n=None, adaptive=True, round_size=cfg.round_size, n_max=cfg.n_max, beta1=cfg.beta1,
                           confidence=cfg.confidence, tolerance=cfg.tolerance, unsolved_p=cfg.unsolved_p)
-    per_prompt = cfg.n_max if cfg.adaptive else cfg.n  # at most, for the progress bar
-    state = PartialState(cpu=cpu_processes())  # rank and world size under `accelerate launch`; one process otherwise
-    if out.exists():
-        old = read_values(out).provenance
-        diff = diff_settings(old, provenance, ignore=("astarpo_version", "created_at", "prompts", "skipped", "seconds",
-                                                        "samples"))
-        if diff:
-            raise ValuesError(f"{out} exists and was made with other settings ({diff}); "
-                              "choose another --output or delete it")
-        log.info("%s is already complete", out)
-        return out
-    check_writable(out.parent)
-    # Bad data fails here, before anything is written.
-    tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
-    records, prompt_ids = load_prompts(tokenizer, cfg)
-    shards_dir = out.with_name(out.name + ".shards")
+    return provenance
+
+
+def _check_finished(out: Path, provenance: dict[str, Any]) -> None:
+    """A values file already at ``out`` is this run's result only if it was made with the same settings; another
+    run's file would otherwise be taken for this one's."""
+    old = read_values(out).provenance
+    diff = diff_settings(old, provenance, ignore=("astarpo_version", "created_at", "prompts", "skipped", "seconds",
+                                                    "samples"))
+    if diff:
+        raise ValuesError(f"{out} exists and was made with other settings ({diff}); "
+                          "choose another --output or delete it")
+
+
+def _resume_shards(shards_dir: Path, provenance: dict[str, Any], state: PartialState) -> None:
+    """Check that the shards of an unfinished run were made with these settings (so that finished shards can be
+    kept), then create the shard folder with this run's provenance if it is new."""
     prov_path = shards_dir / "provenance.json"
     if prov_path.exists():  # every process checks before any writes, so all of them fail alike
         diff = diff_settings(json.loads(prov_path.read_text()), provenance, ignore=("astarpo_version",))
@@ -192,32 +219,47 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
             prov_path.write_text(json.dumps(provenance, indent=1))
     state.wait_for_everyone()
 
-    n_shards = math.ceil(len(records) / cfg.shard_size)
+
+def _shard_path(shards_dir: Path, k: int) -> Path:
+    """Shard k's file, numbered so that the merge reads the shards in prompt order."""
+    return shards_dir / f"shard-{k:05d}.parquet"
+
+
+def _sample_missing_shards(cfg: ValuesConfig, model_dir: Path, tokenizer: Any, records: list[dict],
+                           prompt_ids: list[list[int]], reward_name: str, reward_fn: rewards.RewardFn,
+                           shards_dir: Path, n_shards: int, state: PartialState) -> None:
+    """Sample and write this process's shards (shard k is process k % world_size's) that are not on disk yet.
+
+    The model is loaded only when a shard is missing, so a run killed after its last shard goes on to the merge
+    without it."""
+    per_prompt = cfg.n_max if cfg.adaptive else cfg.n  # at most, for the progress bar
     mine = range(state.process_index, n_shards, state.num_processes)
-    todo = [k for k in mine if not (shards_dir / f"shard-{k:05d}.parquet").exists()]
-    start = time.perf_counter()
-    if todo:
-        model = None  # vLLM loads the weights itself
-        if cfg.engine == "hf":
-            with whole_weights_on_every_process():  # sampling only: a whole copy per process, no FSDP
-                model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
-        sampler = make_sampler(cfg, model_dir, tokenizer, model)
-        my_prompts = sum(min(cfg.shard_size, len(records) - k * cfg.shard_size) for k in mine)
-        done_samples = (len(mine) - len(todo)) * cfg.shard_size * per_prompt
-        with tqdm(total=my_prompts * per_prompt, initial=min(done_samples, my_prompts * per_prompt),
-                  unit="sample", desc="stage 1", dynamic_ncols=True, disable=not state.is_main_process) as bar:
-            for k in todo:
-                lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(records))
-                table, drawn = _sample_shard(cfg, sampler, records[lo:hi], prompt_ids[lo:hi], reward_name,
-                                             reward_fn, shard_seed(cfg.seed, k), bar.update)
-                _write_atomic(table, shards_dir / f"shard-{k:05d}.parquet")
-                bar.update((hi - lo) * per_prompt - drawn)  # an adaptive shard stops short of n_max
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        state.wait_for_everyone()  # until rank 0 has written the merged file
-        return out
-    table = pa.concat_tables([pq.read_table(shards_dir / f"shard-{k:05d}.parquet") for k in range(n_shards)])
-    skipped = len(records) - table.num_rows
+    todo = [k for k in mine if not _shard_path(shards_dir, k).exists()]
+    if not todo:
+        return
+    model = None  # vLLM loads the weights itself
+    if cfg.engine == "hf":
+        with whole_weights_on_every_process():  # sampling only: a whole copy per process, no FSDP
+            model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
+    sampler = make_sampler(cfg, model_dir, tokenizer, model)
+    my_prompts = sum(min(cfg.shard_size, len(records) - k * cfg.shard_size) for k in mine)
+    done_samples = (len(mine) - len(todo)) * cfg.shard_size * per_prompt
+    with tqdm(total=my_prompts * per_prompt, initial=min(done_samples, my_prompts * per_prompt),
+              unit="sample", desc="stage 1", dynamic_ncols=True, disable=not state.is_main_process) as bar:
+        for k in todo:
+            lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(records))
+            table, drawn = _sample_shard(cfg, sampler, records[lo:hi], prompt_ids[lo:hi], reward_name,
+                                         reward_fn, shard_seed(cfg.seed, k), bar.update)
+            _write_atomic(table, _shard_path(shards_dir, k))
+            bar.update((hi - lo) * per_prompt - drawn)  # an adaptive shard stops short of n_max
+
+
+def _merge_shards(shards_dir: Path, n_shards: int, n_records: int, provenance: dict[str, Any], start: float,
+                  out: Path) -> None:
+    """Write the shards' rows, in prompt order, as the values file with the completed provenance (counts, time
+    since ``start``), then delete the shards. Rank 0 only."""
+    table = pa.concat_tables([pq.read_table(_shard_path(shards_dir, k)) for k in range(n_shards)])
+    skipped = n_records - table.num_rows
     rows = table.column("rewards").to_pylist()
     samples = sum(len(r) for r in rows)
     provenance.update(prompts=table.num_rows, skipped=skipped, samples=samples,
@@ -225,11 +267,9 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     table = table.replace_schema_metadata({_META_KEY: json.dumps(provenance).encode()})
     _write_atomic(table, out)
     shutil.rmtree(shards_dir)
-    state.wait_for_everyone()
     log.info("stage 1: %d prompts, %d samples (%.1f per prompt), mean reward %.3f, %d prompts with no success, "
              "%d skipped", len(rows), samples, samples / max(1, len(rows)), sum(map(sum, rows)) / max(1, samples),
              sum(max(r) <= 0 for r in rows), skipped)
-    return out
 
 
 def _sample_shard(cfg: ValuesConfig, sampler: Sampler, records: list[dict], prompt_ids: list[list[int]],
