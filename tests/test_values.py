@@ -1,4 +1,7 @@
+import json
+import logging
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -6,8 +9,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from astarpo.config import TrainConfig
 from astarpo.generation import sampling_settings
-from astarpo.values import Values, ValuesError, check_provenance, load_v_star, read_values, v_star
+from astarpo.values import (
+    _META_KEY,
+    Values,
+    ValuesError,
+    check_provenance,
+    load_v_star,
+    read_values,
+    reference_provenance,
+    training_values,
+    v_star,
+)
 
 
 def test_v_star_matches_definition():
@@ -87,3 +101,40 @@ def test_check_provenance_names_the_mismatch():
         check_provenance(prov, {**prov, "reward": "gsm8k"}, "v.parquet")
     with pytest.raises(ValuesError, match="made with reference model 'a' but this run uses 'b'"):
         check_provenance(prov, {**prov, "reference_model": "b", "reference_model_hash": "h2"}, "v.parquet")
+
+
+
+def _write_values(path, provenance, rows):
+    """A Stage 1 file as compute_values writes it: one row of rewards per prompt, the provenance as metadata."""
+    table = pa.table({"id": list(rows), "rewards": list(rows.values())})
+    pq.write_table(table.replace_schema_metadata({_META_KEY: json.dumps(provenance).encode()}), path)
+
+
+def test_training_values_keeps_solved_prompts_of_this_run(tiny_model, tmp_path, caplog):
+    path = tmp_path / "v.parquet"
+    cfg = TrainConfig(model=str(tiny_model), values=str(path), beta1=math.inf, n=2)
+    _write_values(path, reference_provenance(cfg, tiny_model, "arithmetic"),
+                  {"p0": [0.0, 1.0, 1.0], "p1": [0.0, 0.0, 1.0], "p2": [1.0, 1.0, 0.0]})
+    with caplog.at_level(logging.INFO, logger="astarpo.values"):
+        keep, v, dropped = training_values(cfg, tiny_model, "arithmetic", ["p2", "p1", "p0"])
+    # the first n=2 samples: p1 has none solved and is dropped
+    assert keep == [0, 2] and v.tolist() == [1.0, 0.5] and dropped == 1
+    assert "training on 2 prompts (1 dropped: all Stage 1 samples failed)" in caplog.text
+    with pytest.raises(ValuesError, match="made with reward 'arithmetic' but this run uses 'gsm8k'"):
+        training_values(cfg, tiny_model, "gsm8k", ["p0"])
+
+
+def test_training_values_errors(tiny_model, tmp_path):
+    with pytest.raises(ValuesError, match=re.escape("astarpo needs the Stage 1 file from `astarpo values`: pass "
+                                                    "--values PATH")):
+        training_values(TrainConfig(model=str(tiny_model)), tiny_model, "arithmetic", ["p0"])
+    path = tmp_path / "v.parquet"
+    cfg = TrainConfig(model=str(tiny_model), values=str(path))
+    _write_values(path, reference_provenance(cfg, tiny_model, "arithmetic"), {"p0": [0.0, 0.0], "p1": [0.0, 0.0]})
+    with pytest.raises(ValuesError, match=re.escape(
+            "no prompt left to train on: every prompt's Stage 1 samples all failed; use an easier task, a larger n "
+            "in `astarpo values`, or --no-filter-unsolved")):
+        training_values(cfg, tiny_model, "arithmetic", ["p0", "p1"])
+    unfiltered = TrainConfig(model=str(tiny_model), values=str(path), filter_unsolved=False)
+    keep, v, dropped = training_values(unfiltered, tiny_model, "arithmetic", ["p1"])
+    assert keep == [0] and v.tolist() == [0.0] and dropped == 0

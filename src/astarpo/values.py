@@ -37,7 +37,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from . import __version__, rewards
-from .config import CommonConfig, ValuesConfig
+from .config import CommonConfig, TrainConfig, ValuesConfig
 from .data import load_prompts
 from .distributed import whole_weights_on_every_process
 from .engines import make_sampler
@@ -395,3 +395,24 @@ def load_v_star(values: Values, ids: list[str], beta1: float, n: int | None = No
     keep = (r > 0).any(-1) if filter_unsolved else torch.ones(len(ids), dtype=torch.bool)
     positions = keep.nonzero().flatten().tolist()
     return positions, v_star(r[keep], beta1), {"prompts": len(ids), "unsolved_dropped": int((~keep).sum())}
+
+
+def training_values(cfg: TrainConfig, model_dir: Path, reward_name: str, ids: list[str]
+                    ) -> tuple[list[int], torch.Tensor, int]:
+    """A*-PO's V* for Stage 2, from the Stage 1 file ``cfg.values``: the positions in ``ids`` of the prompts to
+    train on, their V*, and how many were dropped because all their Stage 1 samples failed.
+
+    The file must come from this run's reference model, tokenizer, reward and sampling settings: V* of other
+    samples would be a baseline for another policy, and the advantages would be wrong without any error.
+    """
+    if cfg.values is None:
+        raise ValuesError("astarpo needs the Stage 1 file from `astarpo values`: pass --values PATH")
+    values = read_values(cfg.values)
+    check_provenance(values.provenance, reference_provenance(cfg, model_dir, reward_name), cfg.values)
+    keep, kept_v_star, counts = load_v_star(values, ids, cfg.beta1, cfg.n, cfg.filter_unsolved)
+    if not keep:
+        raise ValuesError("no prompt left to train on: every prompt's Stage 1 samples all failed; use an easier "
+                          "task, a larger n in `astarpo values`, or --no-filter-unsolved")
+    log.info("training on %d prompts (%d dropped: all Stage 1 samples failed)", len(keep),
+             counts["unsolved_dropped"])
+    return keep, kept_v_star, counts["unsolved_dropped"]
