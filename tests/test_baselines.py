@@ -22,6 +22,7 @@ from astarpo.objectives import (
     rloo_advantages,
     rloo_loss,
     seq_sum,
+    truncated_is_weight,
 )
 
 
@@ -100,6 +101,49 @@ def test_objectives_return_one_loss_per_prompt():
     rloo.prepare(b)
     shaped = b.reward - 0.1 * seq_sum(b.old_logp - b.ref_logp, mask)
     assert torch.allclose(b.advantage, rloo_advantages(shaped, 4))
+
+
+def test_tis_weights_each_policy_gradient_term_by_the_capped_ratio_to_the_engine():
+    """TIS: the engine sampled from pi_engine, the loss assumes pi_old; each token's (RLOO: each response's)
+    policy-gradient term is weighted by pi_old / pi_engine, capped, with no gradient through the weight. The
+    KL term and the value loss are not weighted."""
+    assert torch.allclose(truncated_is_weight(torch.tensor([0.0, -0.5, 0.5, 3.0]), 2.0),
+                          torch.tensor([1.0, math.exp(-0.5), math.exp(0.5), 2.0]))
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(4) < torch.tensor([4, 2, 3, 4])[:, None]).float()
+    old = -torch.rand(4, 4, generator=g) * mask
+    engine = (old + 0.3 * torch.randn(4, 4, generator=g)) * mask  # another dtype's log-probs of the same tokens
+    b = Batch(mask=mask, reward=torch.tensor([1.0, 0, 0, 1]), old_logp=old, ref_logp=old - 0.1 * mask,
+              sampler_logp=engine, old_values=torch.rand(4, 4, generator=g) * mask)
+    b.logp = (old + 0.05 * mask).requires_grad_()
+    w = torch.exp(old - engine).clamp(max=1.5) * mask
+    for name, plain in [("grpo", lambda o, b: grpo_loss(b.logp, b.old_logp, b.ref_logp, b.mask, b.advantage,
+                                                        0.2, 0.1, w).view(-1, 2).mean(-1)),
+                        ("rloo", lambda o, b: rloo_loss(b.logp, b.old_logp, b.mask, b.advantage, 0.2,
+                                                        torch.exp(seq_sum(old - engine, mask)).clamp(max=1.5))
+                         .view(-1, 2).mean(-1))]:
+        obj = OBJECTIVES[name](0.1, group_size=2, tis_cap=1.5)
+        assert "sampler_logp" in obj.inputs
+        obj.prepare(b)
+        assert torch.allclose(obj.loss(b), plain(obj, b))
+        off = OBJECTIVES[name](0.1, group_size=2)
+        assert "sampler_logp" not in off.inputs and not torch.allclose(off.loss(b), obj.loss(b))
+    ppo = OBJECTIVES["ppo"](0.1, tis_cap=1.5)
+    ppo.prepare(b)
+    b.values = b.old_values.clone().requires_grad_()
+    expected = ppo_loss(b.logp, b.old_logp, b.mask, b.advantage, b.values, b.old_values, b.returns, 0.2, 0.1, w)
+    assert torch.allclose(ppo.loss(b), expected)
+    grad, = torch.autograd.grad(ppo.loss(b).sum(), b.logp)
+    assert torch.isfinite(grad).all()  # the weight itself carries no gradient (detached)
+
+
+def test_tis_cap_belongs_to_ratio_methods_on_the_vllm_engine():
+    with pytest.raises(ConfigError, match="tis_cap does not apply to algo astarpo"):
+        TrainConfig(algo="astarpo", tis_cap=2.0)
+    with pytest.raises(ConfigError, match="the hf engine samples from the policy itself"):
+        TrainConfig(algo="grpo", tis_cap=2.0)
+    with pytest.raises(ConfigError, match="tis_cap must be >= 1"):
+        TrainConfig(algo="grpo", tis_cap=0.5)
 
 
 def test_ppo_whitens_over_all_processes():
@@ -189,14 +233,23 @@ def test_a_new_objective_needs_no_change_to_the_loop(tiny_model, tmp_path, monke
 
 @pytest.mark.parametrize("settings, message", [
     ({"algo": "dpo"}, "algo must be one of astarpo, grpo, rloo, rebel, ppo"),
-    ({"algo": "grpo", "values": "v.parquet"}, "values apply only to algo astarpo"),
+    ({"algo": "grpo", "values": "v.parquet"}, "values does not apply to algo grpo"),
     ({"algo": "grpo", "group_size": 1}, "group_size must be >= 2 for grpo"),
-    ({"algo": "rebel", "group_size": 4}, "rebel samples 2 response"),
+    ({"algo": "rebel", "group_size": 4}, "group_size does not apply to algo rebel \\(its own settings: rebel_eta\\)"),
     ({"algo": "rebel", "rebel_eta": 0}, "rebel_eta must be a positive number"),
     ({"algo": "ppo", "kl_coef": -1}, "kl_coef must be a number >= 0"),
-    ({"algo": "grpo", "beta2": 0.01}, "beta2 does not apply to algo grpo \\(its coefficient is kl_coef\\)"),
-    ({"algo": "astarpo", "kl_coef": 0.1}, "kl_coef does not apply to algo astarpo \\(its coefficient is beta2\\)"),
+    ({"algo": "grpo", "beta2": 0.01}, "beta2 does not apply to algo grpo \\(its own settings: clip_eps, group_size, "
+                                      "kl_coef\\)"),
+    ({"algo": "astarpo", "kl_coef": 0.1}, "kl_coef does not apply to algo astarpo \\(its own settings: beta1, beta2, "
+                                          "filter_unsolved, n, values\\)"),
     ({"algo": "rloo", "critic_learning_rate": 1e-5}, "critic_learning_rate does not apply to algo rloo"),
+    # settings that another method reads, silently ignored before
+    ({"algo": "astarpo", "clip_eps": 0.3}, "clip_eps does not apply to algo astarpo"),
+    ({"algo": "astarpo", "gae_lambda": 0.9}, "gae_lambda does not apply to algo astarpo"),
+    ({"algo": "grpo", "beta1": 1.0}, "beta1 does not apply to algo grpo"),
+    ({"algo": "rloo", "n": 4}, "n does not apply to algo rloo"),
+    ({"algo": "ppo", "filter_unsolved": False}, "filter_unsolved does not apply to algo ppo"),
+    ({"algo": "rebel", "clip_eps": 0.3}, "clip_eps does not apply to algo rebel"),
     ({"algo": "ppo", "clip_eps": 1.5}, "clip_eps must be in"),
 ])
 def test_baseline_config_errors(settings, message):
@@ -205,9 +258,9 @@ def test_baseline_config_errors(settings, message):
 
 
 def test_astarpo_without_values_is_refused(tiny_model, tmp_path):
-    from astarpo.trainer import TrainError
+    from astarpo.values import ValuesError
 
-    with pytest.raises(TrainError, match="astarpo needs the Stage 1 file"):
+    with pytest.raises(ValuesError, match="astarpo needs the Stage 1 file"):
         Trainer(_cfg(tiny_model, tmp_path / "x", "astarpo"))
 
 
@@ -223,8 +276,9 @@ def test_each_method_owns_its_coefficient_with_the_cited_default(algo, coefficie
 def test_grpo_without_kl_loads_no_reference_and_ppo_critic_has_its_own_optimizer(tiny_model, tmp_path):
     grpo = Trainer(_cfg(tiny_model, tmp_path / "g", "grpo", steps=1, kl_coef=0.0, group_size=2),
                    reward=DigitReward())
-    assert grpo.ref is None and "ref_logp" not in grpo.objective.needs(several_updates=True)
+    assert grpo.ref is None and "ref_logp" not in grpo.objective.inputs
     ppo = Trainer(_cfg(tiny_model, tmp_path / "p", "ppo", steps=1, critic_learning_rate=3e-3), reward=DigitReward())
-    assert ppo.optimizer.param_groups[0]["lr"] == 1e-2 and ppo.critic_optimizer.param_groups[0]["lr"] == 3e-3
+    assert ppo.models.optimizer.param_groups[0]["lr"] == 1e-2
+    assert ppo.models.critic_optimizer.param_groups[0]["lr"] == 3e-3
     critic_params = {id(p) for p in ppo.accelerator.unwrap_model(ppo.critic).parameters()}
-    assert not critic_params & {id(p) for g in ppo.optimizer.param_groups for p in g["params"]}
+    assert not critic_params & {id(p) for g in ppo.models.optimizer.param_groups for p in g["params"]}

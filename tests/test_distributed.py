@@ -61,3 +61,31 @@ def test_two_processes_match_one(tiny_model, tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)  # ... and identically in both runs
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= \
            {p.name for p in (tmp_path / "r2" / "checkpoints" / "step-000002").iterdir()}
+
+
+def test_each_process_samples_from_its_own_stream_and_resumes_it(tiny_model, tmp_path):
+    """Sampled responses (temperature 1) in two processes: each process is seeded apart (run seed + its index, so
+    the two never draw the same random numbers), and a run resumed from its checkpoint continues both streams
+    exactly: the same responses, so the same rewards, losses and weights as the uninterrupted run."""
+    import pickle
+
+    common = ["--model", str(tiny_model), "--max-new-tokens", "6", "--limit", "12"]
+    _run(["values", *common, "--n", "2", "--output", "v.parquet"], 1, tmp_path)
+    table = pq.read_table(tmp_path / "v.parquet")  # varied rewards, for a gradient (the tiny model earns none)
+    fake = pa.array([[-(i % 5) / 4, 0.0] for i in range(table.num_rows)], pa.list_(pa.float64()))
+    pq.write_table(table.set_column(table.column_names.index("rewards"), "rewards", fake), tmp_path / "v.parquet")
+    train = ["train", *common, "--values", "v.parquet", "--no-filter-unsolved", "--batch-size", "4",
+             "--micro-batch-size", "2", "--learning-rate", "1e-2", "--beta2", "0.1", "--save-every", "1"]
+    _run([*train, "--steps", "3", "--output-dir", "whole"], 2, tmp_path)
+    _run([*train, "--steps", "2", "--output-dir", "resumed"], 2, tmp_path)
+    _run([*train, "--steps", "3", "--output-dir", "resumed"], 2, tmp_path)
+    states = [pickle.loads((tmp_path / "whole" / "checkpoints" / "step-000003" / f"random_states_{i}.pkl")
+                           .read_bytes()) for i in (0, 1)]
+    assert states[0]["random_state"] != states[1]["random_state"]  # seeded apart (Python's stream: never drawn)
+    assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])
+    whole, resumed = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+                      for r in ("whole", "resumed"))
+    keys = ("reward", "loss", "log_ratio", "response_length")
+    assert [{k: m[k] for k in keys} for m in whole] == [{k: m[k] for k in keys} for m in resumed]
+    w1, w2 = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("whole", "resumed"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -103,6 +103,35 @@ def test_train_refuses_mismatched_values_and_run_dirs(tiny_model, tmp_path):
         Trainer(_train_cfg(tiny_model, values, tmp_path / "r4", beta1=1.0), reward=DigitReward())
 
 
+def test_resume_refuses_other_prompt_settings_and_allows_free_ones(tiny_model, tmp_path):
+    """Settings that change the prompt set (or the update) must match the run a resume continues; where outputs go
+    and how often to save may change."""
+    from astarpo.rundir import OutputError
+
+    values = _values(tiny_model, tmp_path / "v.parquet")
+    Trainer(_train_cfg(tiny_model, values, tmp_path / "r", steps=2), reward=DigitReward()).train()
+    for changed, shown in [({"max_prompt_tokens": 128}, "max_prompt_tokens: 256 -> 128"),
+                           ({"on_long_prompt": "skip"}, "on_long_prompt: 'error' -> 'skip'"),
+                           ({"prompt_column": "question"}, "prompt_column: 'prompt' -> 'question'"),
+                           ({"answer_column": "solution"}, "answer_column: 'answer' -> 'solution'"),
+                           ({"max_grad_norm": 0.5}, "max_grad_norm: 1.0 -> 0.5")]:
+        with pytest.raises(OutputError, match=f"other settings \\({shown}\\)"):
+            Trainer(_train_cfg(tiny_model, values, tmp_path / "r", steps=3, **changed), reward=DigitReward())
+    Trainer(_train_cfg(tiny_model, values, tmp_path / "r", steps=3, save_every=3, keep_checkpoints=1,
+                       generation_batch_size=8), reward=DigitReward()).train()
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-000003"]
+
+
+def test_every_mini_batch_measures_log_ratio_against_the_sampling_policy(tiny_model, tmp_path):
+    """Two updates per step (mini-batches of 3 of 6 prompts): the second mini-batch's log pi_old must be the
+    policy that sampled, not the one already updated on the first. At step 1 that policy is the reference, so the
+    logged log-ratio (the KL estimate) is zero up to float32 noise; before the fix it was the first update's move."""
+    values = _values(tiny_model, tmp_path / "v.parquet")
+    metrics = Trainer(_train_cfg(tiny_model, values, tmp_path / "r", steps=1), reward=DigitReward()).train()
+    assert metrics["loss"] > 0 and metrics["grad_norm"] > 0  # the first update did move the policy
+    assert abs(metrics["log_ratio"]) < 1e-5
+
+
 def test_cli_end_to_end(tiny_chat_model, tmp_path, capsys):
     m = str(tiny_chat_model)
     flags = ["--model", m, "--limit", "12", "--max-new-tokens", "5"]

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from astarpo.rundir import Checkpoints, OutputError, atomic_path, check_same_settings, truncate_jsonl, write_json_atomic
+from astarpo.checkpoint import Checkpoints
+from astarpo.rundir import OutputError, atomic_path, check_same_settings, truncate_jsonl, write_json_atomic
 
 
 def test_atomic_path_replaces_only_when_complete(tmp_path):

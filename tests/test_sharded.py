@@ -153,6 +153,15 @@ def test_strategy_matches_ddp_and_resumes_after_a_kill(strategy, work, tiny_mode
     _assert_close_runs(run, killed, "model.safetensors", 0.0)  # exactly the uninterrupted run
 
 
+def test_zero2_bf16_reference_is_in_the_policys_precision(work, tiny_model):
+    """DeepSpeed with bf16 holds the policy's weights in bf16 (its float32 master copy in the optimizer), so the
+    reference must be bf16 too: at step 1 the policy is the reference and log pi - log pi_ref must be zero (measured
+    4e-6: the order of bf16 sums). With a float32 reference the logged KL at step 1 was 1.1."""
+    launch("zero2", _train(tiny_model, "zero2-bf16", "--mixed-precision", "bf16", "--steps", "1"), work)
+    first = _metrics(work / "zero2-bf16")[0]
+    assert abs(first["log_ratio"]) < 1e-4, first
+
+
 @pytest.fixture(scope="module")
 def ddp_lora(work, tiny_model) -> Path:
     launch("ddp", _train(tiny_model, "lora-ddp", "--lora-rank", "4", "--lora-alpha", "8"), work)

@@ -25,6 +25,16 @@ class ConfigError(ValueError):
     """A setting is out of range or unknown; the message names it."""
 
 
+# Field metadata of the TrainConfig settings that a resumed run may change: where outputs go, how often to save
+# and evaluate, how fast to sample, how to treat errors. Every other setting must match the run it resumes (the
+# resumed run would be another experiment), so a new setting is guarded unless it says otherwise here.
+FREE_ON_RESUME = {"free_on_resume": True}
+
+
+def _free(help: str | None = None) -> dict[str, Any]:
+    return {**FREE_ON_RESUME, **({"help": help} if help else {})}
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -47,26 +57,26 @@ class CommonConfig:
     use_chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"})
     max_prompt_tokens: int = 256
     on_long_prompt: str = field(default="error", metadata={"help": "error | skip (counted, logged)"})
-    on_reward_error: str = field(default="raise", metadata={
-        "help": "raise | skip: a reward that raises or returns NaN stops the run, or its samples are dropped"})
+    on_reward_error: str = field(default="raise", metadata=_free(
+        "raise | skip: a reward that raises or returns NaN stops the run, or its samples are dropped"))
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
-    generation_batch_size: int = field(default=64, metadata={"help": "sequences per generate() call"})
+    generation_batch_size: int = field(default=64, metadata=_free("sequences per generate() call"))
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (weights)"})
-    trust_remote_code: bool = False
-    engine: str = field(default="hf", metadata={
-        "help": "generation engine: hf (transformers generate) | vllm (pip install 'astarpo[vllm]'; README)"})
-    vllm_gpu_memory_utilization: float = field(default=0.9, metadata={
-        "help": "vllm: share of GPU memory for weights and KV cache (unless vllm_kv_cache_gb is set)"})
-    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine (values, eval)"})
-    vllm_kv_cache_gb: float | None = field(default=None, metadata={
-        "help": "vllm: KV cache size in GiB (default: from vllm_gpu_memory_utilization on GPU, 4 on CPU)"})
-    vllm_enforce_eager: bool = field(default=False, metadata={
-        "help": "vllm: no torch.compile or CUDA graphs (start-up in seconds, slower decoding)"})
-    vllm_dtype: str | None = field(default=None, metadata={
-        "help": "vllm: the engine's weight dtype (default: dtype); bfloat16 samples faster from a float32 policy"})
+    trust_remote_code: bool = field(default=False, metadata=_free())
+    engine: str = field(default="hf", metadata=_free(
+        "generation engine: hf (transformers generate) | vllm (pip install 'astarpo[vllm]'; README)"))
+    vllm_gpu_memory_utilization: float = field(default=0.9, metadata=_free(
+        "vllm: share of GPU memory for weights and KV cache (unless vllm_kv_cache_gb is set)"))
+    vllm_tensor_parallel_size: int = field(default=1, metadata=_free("vllm: GPUs per engine (values, eval)"))
+    vllm_kv_cache_gb: float | None = field(default=None, metadata=_free(
+        "vllm: KV cache size in GiB (default: from vllm_gpu_memory_utilization on GPU, 4 on CPU)"))
+    vllm_enforce_eager: bool = field(default=False, metadata=_free(
+        "vllm: no torch.compile or CUDA graphs (start-up in seconds, slower decoding)"))
+    vllm_dtype: str | None = field(default=None, metadata=_free(
+        "vllm: the engine's weight dtype (default: dtype); bfloat16 samples faster from a float32 policy"))
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -99,7 +109,7 @@ class CommonConfig:
 def _check_on_policy(cfg: CommonConfig) -> None:
     """Stage 1 and Stage 2 sample from the policy itself: temperature 1, no top-p cut (the paper's setting).
 
-    Training regresses log-probs of the model's logits at temperature 1 (``generation.response_logprobs``), and
+    Training regresses log-probs of the model's logits at temperature 1 (``logprobs.response_logprobs``), and
     V* is the value of the reference policy at temperature 1; samples drawn at another temperature or from a
     nucleus come from another distribution, so the regression target and V* would both be off. Refusing is
     simpler and safer than rescaling the log-probs. Greedy (temperature 0) stays allowed as a deterministic mode
@@ -172,7 +182,7 @@ class TrainConfig(CommonConfig):
 
     algo: str = field(default="astarpo", metadata={"help": "astarpo | grpo | rloo | rebel | ppo"})
     values: str | None = field(default=None, metadata={"help": "Stage 1 output (astarpo only; required there)"})
-    output_dir: str = "runs/train"
+    output_dir: str = field(default="runs/train", metadata=_free())
     beta1: float = field(default=0.5, metadata={"help": "V* temperature; inf gives the mean reward (astarpo)"})
     beta2: float = field(default=1e-3, metadata={"help": "A*-PO's KL coefficient (astarpo only)"})
     kl_coef: float | None = field(default=None, metadata={
@@ -183,9 +193,13 @@ class TrainConfig(CommonConfig):
     critic_learning_rate: float = field(default=9e-6, metadata={"help": "ppo's critic (OpenRLHF's default)"})
     critic_max_grad_norm: float = field(default=1.0, metadata={"help": "ppo's critic, clipped apart from the "
                                                                        "policy"})
-    group_size: int | None = field(default=None, metadata={
-        "help": "responses per prompt for grpo (default 8) and rloo (default 4); astarpo and ppo use 1, rebel 2"})
+    group_size: int | None = field(default=None, metadata={"help": "responses per prompt for " + ", ".join(
+        f"{o.name} (default {o.group_size})" for o in OBJECTIVES.values() if "group_size" in o.settings)})
     clip_eps: float = field(default=0.2, metadata={"help": "ratio clipping of grpo, rloo and ppo"})
+    tis_cap: float | None = field(default=None, metadata={
+        "help": "grpo, rloo, ppo with --engine vllm: truncated importance sampling, each token's (rloo: each "
+                "response's) policy-gradient term weighted by pi_old/pi_engine capped at this (e.g. 2); for an "
+                "engine in another dtype than the policy (vllm_dtype). Off by default"})
     gae_lambda: float = field(default=0.95, metadata={"help": "ppo's GAE lambda"})
     n: int | None = field(default=None, metadata={"help": "use the first N stored samples for V* (default all)"})
     filter_unsolved: bool = field(default=True, metadata={"help": "drop prompts whose N samples all fail"})
@@ -196,27 +210,26 @@ class TrainConfig(CommonConfig):
     mini_batch_size: int | None = field(default=None, metadata={"help": "prompts per optimizer update "
                                                                          "(default: batch_size)"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward"})
-    steps: int | None = field(default=None, metadata={"help": "default: one pass over the prompts"})
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    eval_data: str | None = field(default=None, metadata={"help": "held-out prompts scored greedily during "
-                                                                  "training"})
-    eval_split: str = "test"
-    eval_limit: int | None = None
-    eval_every: int = 0
+    steps: int | None = field(default=None, metadata=_free("default: one pass over the prompts"))
+    save_every: int = field(default=50, metadata=_free())
+    keep_checkpoints: int = field(default=2, metadata=_free())
+    eval_data: str | None = field(default=None, metadata=_free("held-out prompts scored greedily during training"))
+    eval_split: str = field(default="test", metadata=_free())
+    eval_limit: int | None = field(default=None, metadata=_free())
+    eval_every: int = field(default=0, metadata=_free())
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16: autocast for forward passes; "
                                                                  "weights and optimizer state stay in float32"})
-    gradient_checkpointing: bool = False
-    gather_for_generation: bool = field(default=True, metadata={
-        "help": "FSDP2 and ZeRO-3: gather the whole weights once for sampling, not per token (several times faster; "
-                "costs the whole bf16 weights per GPU while sampling, see `astarpo plan`)"})
+    gradient_checkpointing: bool = field(default=False, metadata=_free())
+    gather_for_generation: bool = field(default=True, metadata=_free(
+        "FSDP2 and ZeRO-3: gather the whole weights once for sampling, not per token (several times faster; "
+        "costs the whole bf16 weights per GPU while sampling, see `astarpo plan`)"))
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning); with LoRA the reference "
                                                         "is the base model with adapters disabled"})
     lora_alpha: int = 32
     lora_target_modules: str = field(default="all-linear", metadata={"help": "comma list, or all-linear"})
-    report_to: str = field(default="", metadata={
-        "help": "comma list of experiment trackers that accelerate logs the metrics to (tensorboard, wandb, "
-                "mlflow, ...); metrics.jsonl is always written"})
+    report_to: str = field(default="", metadata=_free(
+        "comma list of experiment trackers that accelerate logs the metrics to (tensorboard, wandb, mlflow, ...); "
+        "metrics.jsonl is always written"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -227,14 +240,14 @@ class TrainConfig(CommonConfig):
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("algo", self.algo, tuple(OBJECTIVES))
         self._check_method_settings()
-        if self.algo != "astarpo" and self.values is not None:
-            raise ConfigError(f"values apply only to algo astarpo; {self.algo} does not use a Stage 1 file")
-        if self.group_size is not None:
-            if self.algo in ("grpo", "rloo") and self.group_size < 2:
-                raise ConfigError(f"group_size must be >= 2 for {self.algo}, got {self.group_size}")
-            fixed = {"astarpo": 1, "ppo": 1, "rebel": 2}.get(self.algo)
-            if fixed is not None and self.group_size != fixed:
-                raise ConfigError(f"{self.algo} samples {fixed} response(s) per prompt; drop group_size")
+        if self.group_size is not None and self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 for {self.algo}, got {self.group_size}")
+        if self.tis_cap is not None:
+            if not self.tis_cap >= 1:
+                raise ConfigError(f"tis_cap must be >= 1 (a cap on pi_old/pi_engine), got {self.tis_cap}")
+            if self.engine != "vllm":
+                raise ConfigError("tis_cap corrects the gap between a vllm engine's samples and the policy; the hf "
+                                  "engine samples from the policy itself: drop tis_cap or use --engine vllm")
         if not 0 < self.clip_eps < 1:
             raise ConfigError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
         if not 0 <= self.gae_lambda <= 1:
@@ -267,18 +280,20 @@ class TrainConfig(CommonConfig):
                               "which needs vllm_tensor_parallel_size 1 (larger sizes work for values and eval)")
 
     def _check_method_settings(self) -> None:
-        """Each method owns its coefficients: setting another method's is refused (it would be silently ignored),
-        and kl_coef left unset takes the method's default."""
+        """Each method reads its own settings (``Objective.settings``): setting one that belongs to other methods
+        only is refused, since it would be silently ignored; kl_coef left unset takes the method's default."""
         objective = OBJECTIVES[self.algo]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        own = {objective.coefficient} | ({"critic_learning_rate", "critic_max_grad_norm"} if objective.trains_critic
-                                         else set())
-        for name in ("beta2", "kl_coef", "rebel_eta", "critic_learning_rate", "critic_max_grad_norm"):
-            if name not in own and getattr(self, name) != defaults[name]:
-                uses = f"its coefficient is {objective.coefficient}" if objective.coefficient else "it has none"
-                raise ConfigError(f"{name} does not apply to algo {self.algo} ({uses})")
+        for name in sorted(set().union(*(o.settings for o in OBJECTIVES.values())) - objective.settings):
+            if getattr(self, name) != defaults[name]:
+                own = ", ".join(sorted(objective.settings)) or "none"
+                raise ConfigError(f"{name} does not apply to algo {self.algo} (its own settings: {own}); drop it")
         if objective.coefficient == "kl_coef" and self.kl_coef is None:
             self.kl_coef = objective.default
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings that make the run what it is: a resume must repeat them (all but ``FREE_ON_RESUME``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("free_on_resume")}
 
     @property
     def coefficient(self) -> float:

@@ -1,7 +1,8 @@
 """Several processes: which strategy the launch asked for, and what sharded strategies need beyond DDP.
 
 The strategy comes from the accelerate config, as accelerate's users expect (``configs/accelerate/``): DDP,
-FSDP2, or DeepSpeed ZeRO-2/3. What differs from DDP lives here, so that the trainer reads the same for all:
+FSDP2, or DeepSpeed ZeRO-2/3. What differs from DDP lives here, so that the trainer reads the same for all and
+never asks which strategy runs:
 
 - **No CUDA.** accelerate 1.15 runs FSDP and DeepSpeed on accelerators only (on a CPU-only machine an FSDP
   config silently becomes plain data parallelism, and DeepSpeed needs ``cpu=False``). :func:`make_accelerator`
@@ -12,6 +13,9 @@ FSDP2, or DeepSpeed ZeRO-2/3. What differs from DDP lives here, so that the trai
   on every process by design, and so are the reference's.
 - **Lockstep.** FSDP2 and ZeRO-3 gather weights with collectives inside every forward pass, so every process must
   run the same number of forward passes (``generate(synced_gpus=True)`` keeps finished processes stepping).
+- **The update** (:class:`Learner`): gradients accumulate over micro-batches and are reduced once per mini-batch
+  (``no_sync``); DeepSpeed is told which backward closes the mini-batch and steps, clips and zeroes its engine
+  itself, where the other strategies clip with accelerate and step each optimizer.
 - **Saving.** A sharded model's whole weights exist on no process: every process takes part in gathering them
   (:func:`full_state_dict`), rank 0 writes a Hugging Face directory. Checkpoints hold accelerate's own format
   for the strategy as well (what a resume loads: the sharded AdamW state included).
@@ -23,11 +27,12 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
 from .utils import cpu_processes
 
@@ -102,7 +107,10 @@ def check_supported(acc: Accelerator, *, critic: bool, engine: str) -> None:
 
 
 def prepare_reference(acc: Accelerator, model: Any) -> Any:
-    """The frozen reference copy, sharded like the policy (not registered with accelerate: never saved)."""
+    """The frozen reference copy, sharded like the policy (not registered with accelerate: never saved), and in
+    the policy's compute precision: DeepSpeed with bf16 or fp16 holds the policy's weights in that dtype (its
+    float32 master copy lives in the optimizer), so under ZeRO-2 the whole reference is cast to it too, or
+    log pi - log pi_ref would not be zero for identical weights."""
     name = strategy(acc)
     if name == "fsdp2":
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
@@ -118,7 +126,77 @@ def prepare_reference(acc: Accelerator, model: Any) -> Any:
         engine, *_ = deepspeed.initialize(model=model, config=config)
         engine.eval()
         return engine
+    if name == "zero2" and acc.mixed_precision in ("bf16", "fp16"):
+        return model.to(acc.device, dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
     return model.to(acc.device)
+
+
+@dataclass
+class Trained:
+    """A model that trains (prepared by accelerate), its optimizer, and the norm its gradients are clipped to."""
+
+    model: Any
+    optimizer: Any
+    max_grad_norm: float
+
+
+class Learner:
+    """One optimizer update over micro-batches, the same calls under every strategy.
+
+    ``start_update()``, then per micro-batch ``with accumulating(last): ...; backward(loss)``, then ``step()``.
+    The first of ``trained`` is the policy, whose gradient norm ``step`` returns. DeepSpeed's engine clips at its
+    ``gradient_clipping`` (:func:`make_accelerator` sets it to the policy's ``max_grad_norm``), steps and zeroes
+    itself; accelerate would step it after every backward, so it is driven directly.
+    """
+
+    def __init__(self, acc: Accelerator, trained: list[Trained]) -> None:
+        self.acc, self.trained = acc, trained
+        self.deepspeed = strategy(acc).startswith("zero")
+
+    def start_update(self) -> None:
+        """Before a mini-batch's micro-batches: training mode and no gradients left from the last update."""
+        for t in self.trained:
+            t.model.train()
+            t.optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        """One micro-batch's forward and backward: gradients are reduced across processes once per mini-batch,
+        in the backward of its ``last`` micro-batch."""
+        with contextlib.ExitStack() as stack:
+            if not last:
+                for t in self.trained:
+                    stack.enter_context(self.acc.no_sync(t.model))
+            if self.deepspeed:
+                self.trained[0].model.set_gradient_accumulation_boundary(last)
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.deepspeed:
+            self.trained[0].model.backward(loss)
+        else:
+            self.acc.backward(loss)
+
+    def step(self) -> float:
+        """Clip and step every optimizer; the policy's gradient norm before clipping."""
+        if self.deepspeed:
+            policy = self.trained[0].model
+            policy.step()
+            return as_float(policy.get_global_grad_norm())
+        norms = [as_float(self.acc.clip_grad_norm_(t.model.parameters(), t.max_grad_norm)) for t in self.trained]
+        for t in self.trained:
+            t.optimizer.step()
+        return norms[0]
+
+
+def all_sum(acc: Accelerator, x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the processes, on the CPU (itself in one process)."""
+    return acc.reduce(x.to(acc.device), "sum").cpu() if acc.num_processes > 1 else x
+
+
+def all_rows(acc: Accelerator, x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of ``x``, concatenated in process order (``x`` itself in one process)."""
+    return torch.cat(gather_object([x])) if acc.num_processes > 1 else x
 
 
 @contextlib.contextmanager

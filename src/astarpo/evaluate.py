@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from . import rewards
 from .benchmarks import get_benchmark, load_benchmark
+from .checkpoint import read_run_file
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
 from .engines import make_sampler
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, collect
 from .logprobs import sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
-from .rundir import RUN_FILE, diff_settings, write_json_atomic, write_text_atomic
+from .rundir import diff_settings, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +205,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def _reference(cfg: EvalConfig, model_dir: Path) -> str | None:
     """The model to measure KL against: ``cfg.reference``, else the one a trained checkpoint records."""
-    run_file = Path(model_dir) / RUN_FILE
-    if cfg.reference is None and run_file.is_file():
-        return json.loads(run_file.read_text())["reference_model"]
+    run = read_run_file(model_dir)
+    if cfg.reference is None and run is not None:
+        return run["reference_model"]
     return cfg.reference
 
 

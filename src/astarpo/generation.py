@@ -51,6 +51,13 @@ class Rollout:
     def lengths(self) -> list[int]:
         return [len(r) for r in self.response_tokens]
 
+    def sampler_logp_tokens(self, width: int) -> torch.Tensor:
+        """The engine's per-token log-probs as [rows, width], zero past each response."""
+        out = torch.zeros(len(self), width)
+        for i, lp in enumerate(self.sampler_logp):
+            out[i, : len(lp)] = torch.tensor(lp)
+        return out
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -224,7 +224,7 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Values [B, R] for a :func:`astarpo.generation.collate` batch, zero outside the response mask."""
+        """Values [B, R] for a :func:`astarpo.logprobs.collate` batch, zero outside the response mask."""
         R = batch["response_mask"].shape[1]
         hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"], use_cache=False).last_hidden_state

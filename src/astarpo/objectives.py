@@ -54,6 +54,14 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(q) - q - 1
 
 
+def truncated_is_weight(log_ratio: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (TIS, as TRL and verl call it): exp(log pi_old - log pi_sampler) capped at
+    ``cap``, without gradient. An engine in another dtype than the policy samples from a slightly different
+    distribution than the pi_old a ratio-based loss assumes; the weight corrects for it, the cap bounds its
+    variance."""
+    return torch.exp(log_ratio.detach()).clamp(max=cap)
+
+
 def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
     """GRPO: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), per group of ``group_size`` samples."""
     r = reward.view(-1, group_size)
@@ -61,10 +69,11 @@ def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, advantage: Tensor, clip_eps: float,
-              beta: float) -> Tensor:
-    """GRPO (DeepSeekMath): per sequence, (1/|y|) sum_t [ clipped_pg(rho_t, A) + beta * k3_kl_t ], rho_t =
-    pi/pi_old at token t and A the sequence's group-normalised advantage. Returns one value per sequence."""
-    per_token = clipped_pg(torch.exp(logp - old_logp), advantage[:, None], clip_eps)
+              beta: float, weight: Tensor | float = 1.0) -> Tensor:
+    """GRPO (DeepSeekMath): per sequence, (1/|y|) sum_t [ w_t * clipped_pg(rho_t, A) + beta * k3_kl_t ], rho_t =
+    pi/pi_old at token t, A the sequence's group-normalised advantage and w_t the TIS weight (1 without).
+    Returns one value per sequence."""
+    per_token = clipped_pg(torch.exp(logp - old_logp), advantage[:, None], clip_eps) * weight
     if beta:
         per_token = per_token + beta * k3_kl(logp, ref_logp)
     return seq_mean(per_token, mask)
@@ -76,11 +85,12 @@ def rloo_advantages(reward: Tensor, group_size: int) -> Tensor:
     return (r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)).flatten()
 
 
-def rloo_loss(logp: Tensor, old_logp: Tensor, mask: Tensor, advantage: Tensor, clip_eps: float) -> Tensor:
+def rloo_loss(logp: Tensor, old_logp: Tensor, mask: Tensor, advantage: Tensor, clip_eps: float,
+              weight: Tensor | float = 1.0) -> Tensor:
     """RLOO (Ahmadian et al. 2024): REINFORCE with the leave-one-out baseline, on the whole sequence. The
     sequence ratio rho = pi(y)/pi_old(y) is 1 on-policy (the gradient is then -A * grad log pi(y)) and is
-    clipped like PPO when several updates use one batch."""
-    return clipped_pg(torch.exp(seq_sum(logp - old_logp, mask)), advantage, clip_eps)
+    clipped like PPO when several updates use one batch; ``weight`` is the sequence's TIS weight (1 without)."""
+    return clipped_pg(torch.exp(seq_sum(logp - old_logp, mask)), advantage, clip_eps) * weight
 
 
 def rebel_loss(logp: Tensor, old_logp: Tensor, reward: Tensor, eta: float) -> Tensor:
@@ -113,10 +123,11 @@ def gae(token_reward: Tensor, values: Tensor, mask: Tensor, lam: float, gamma: f
 
 
 def ppo_loss(logp: Tensor, old_logp: Tensor, mask: Tensor, advantage: Tensor, values: Tensor, old_values: Tensor,
-             returns: Tensor, clip_eps: float, value_coef: float) -> Tensor:
-    """PPO (Schulman et al. 2017) as used for RLHF: per-token clipped surrogate with GAE advantages, plus a
-    clipped value loss for the critic, each averaged over the response tokens. Returns one value per sequence."""
-    policy = seq_mean(clipped_pg(torch.exp(logp - old_logp), advantage, clip_eps), mask)
+             returns: Tensor, clip_eps: float, value_coef: float, weight: Tensor | float = 1.0) -> Tensor:
+    """PPO (Schulman et al. 2017) as used for RLHF: per-token clipped surrogate with GAE advantages (each token's
+    term times its TIS weight, 1 without), plus a clipped value loss for the critic, each averaged over the
+    response tokens. Returns one value per sequence."""
+    policy = seq_mean(clipped_pg(torch.exp(logp - old_logp), advantage, clip_eps) * weight, mask)
     clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     value = seq_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
     return policy + value_coef * 0.5 * value
@@ -141,6 +152,7 @@ class Batch:
     old_values: Tensor | None = None  # critic at sampling time
     advantage: Tensor | None = None  # [B] or [B, T], set by prepare()
     returns: Tensor | None = None  # [B, T], set by prepare() (PPO)
+    sampler_logp: Tensor | None = None  # the engine's own log-probs of its samples, for TIS (tis_cap set)
 
     def rows(self, rows: list[int], width: int, **fields: Tensor | None) -> Batch:
         """A micro-batch: these rows, per-token fields cut to ``width`` tokens, plus ``fields`` (e.g. ``logp``)."""
@@ -157,10 +169,11 @@ class Objective:
 
     An objective declares what it reads and the loop computes exactly that, once per step and without gradients:
     ``inputs`` names the :class:`Batch` fields among ``v_star`` (from Stage 1), ``ref_logp`` (reference policy),
-    ``old_logp`` (the sampling policy, read by ``prepare``) and ``old_values`` (the critic). ``ratio`` says that
-    ``loss`` reads ``old_logp`` for an importance ratio; on the first update the sampling policy is the current
-    one, so the loop hands the detached log-probs of the forward pass instead of running another one, unless
-    several updates share the batch (:meth:`needs`).
+    ``old_logp`` (the sampling policy, read by ``prepare``), ``old_values`` (the critic) and ``sampler_logp`` (the
+    engine's own log-probs, with TIS). ``loss`` always gets
+    ``old_logp``: for the first mini-batch of a step the sampling policy is the current one, so the loop hands
+    the detached log-probs of the forward pass; for later mini-batches (after an update) it computes them before
+    the first update, unless ``inputs`` asked for all of them anyway.
     """
 
     name = ""
@@ -168,22 +181,30 @@ class Objective:
     coefficient = ""  # the TrainConfig field that holds this method's own coefficient, handed in as ``beta``
     default = 0.0  # its default, from the implementation the class docstring cites
     inputs: frozenset[str] = frozenset()
-    ratio = False
     trains_critic = False  # a value model trains next to the policy
     kl_inputs: frozenset[str] = frozenset()  # added to ``inputs`` when beta > 0 (a KL term against pi_ref)
+    # The method-specific TrainConfig fields this method reads (its coefficient included); setting one that it
+    # does not read is refused by the config, since it would be silently ignored.
+    settings: frozenset[str] = frozenset()
 
     def __init__(self, beta: float, clip_eps: float = 0.2, group_size: int | None = None, gae_lambda: float = 0.95,
-                 all_sum: Callable[[Tensor], Tensor] = lambda t: t) -> None:
+                 all_sum: Callable[[Tensor], Tensor] = lambda t: t, tis_cap: float | None = None) -> None:
         # all_sum: a sum over the data-parallel processes, for statistics of the whole batch (the trainer passes
-        # accelerate's reduce); the identity in one process.
+        # accelerate's reduce); the identity in one process. tis_cap: truncated importance sampling (None: off).
         self.beta, self.clip_eps, self.gae_lambda, self.all_sum = beta, clip_eps, gae_lambda, all_sum
+        self.tis_cap = tis_cap
         if group_size is not None:  # the config allows it only where the method has a free group size
             self.group_size = group_size
         self.inputs = self.inputs | (self.kl_inputs if beta > 0 else frozenset())
+        if tis_cap is not None:
+            self.inputs = self.inputs | {"sampler_logp"}
 
-    def needs(self, several_updates: bool) -> frozenset[str]:
-        """The per-step inputs to compute before the first update of a step."""
-        return self.inputs | ({"old_logp"} if self.ratio and several_updates else frozenset())
+    def tis(self, b: Batch, per_token: bool = True) -> Tensor | float:
+        """The TIS weight of each token (or, ``per_token`` False, of each sequence); 1 without TIS."""
+        if self.tis_cap is None:
+            return 1.0
+        log_ratio = (b.old_logp - b.sampler_logp) * b.mask
+        return truncated_is_weight(log_ratio if per_token else log_ratio.sum(-1), self.tis_cap)
 
     def prepare(self, b: Batch) -> None:
         """Once per step, before any update, on all of this process's samples: fill in ``b.advantage``."""
@@ -198,6 +219,7 @@ class AStarPO(Objective):
     paper's (arXiv 2505.20686, and its verl-based code)."""
 
     name, inputs, coefficient, default = "astarpo", frozenset({"v_star", "ref_logp"}), "beta2", 1e-3
+    settings = frozenset({"beta2", "values", "beta1", "n", "filter_unsolved"})
 
     def loss(self, b: Batch) -> Tensor:
         return astarpo_loss(seq_sum(b.logp, b.mask), seq_sum(b.ref_logp, b.mask), b.reward, b.v_star, self.beta)
@@ -207,14 +229,14 @@ class GRPO(Objective):
     """GRPO with DeepSeekMath's k3 KL term weighted by ``beta`` (kl_coef). Its default, 0 (no KL term and no
     reference model), is TRL's (GRPOConfig.beta, trl 1.16; DeepSeekMath used 0.04)."""
 
-    name, group_size, ratio, kl_inputs = "grpo", 8, True, frozenset({"ref_logp"})
-    coefficient, default = "kl_coef", 0.0
+    name, group_size, kl_inputs = "grpo", 8, frozenset({"ref_logp"})
+    coefficient, default, settings = "kl_coef", 0.0, frozenset({"kl_coef", "group_size", "clip_eps", "tis_cap"})
 
     def prepare(self, b: Batch) -> None:
         b.advantage = grpo_advantages(b.reward, self.group_size)
 
     def loss(self, b: Batch) -> Tensor:
-        per_seq = grpo_loss(b.logp, b.old_logp, b.ref_logp, b.mask, b.advantage, self.clip_eps, self.beta)
+        per_seq = grpo_loss(b.logp, b.old_logp, b.ref_logp, b.mask, b.advantage, self.clip_eps, self.beta, self.tis(b))
         return per_seq.view(-1, self.group_size).mean(-1)
 
 
@@ -222,8 +244,8 @@ class RLOO(Objective):
     """RLOO with the sequence-level KL penalty in the reward, r - beta * log(pi_old / pi_ref); beta (kl_coef)
     defaults to TRL's 0.05 (RLOOConfig.beta, trl 1.16)."""
 
-    name, group_size, ratio, kl_inputs = "rloo", 4, True, frozenset({"ref_logp", "old_logp"})
-    coefficient, default = "kl_coef", 0.05
+    name, group_size, kl_inputs = "rloo", 4, frozenset({"ref_logp", "old_logp"})
+    coefficient, default, settings = "kl_coef", 0.05, frozenset({"kl_coef", "group_size", "clip_eps", "tis_cap"})
 
     def prepare(self, b: Batch) -> None:
         reward = b.reward
@@ -232,7 +254,7 @@ class RLOO(Objective):
         b.advantage = rloo_advantages(reward, self.group_size)
 
     def loss(self, b: Batch) -> Tensor:
-        per_seq = rloo_loss(b.logp, b.old_logp, b.mask, b.advantage, self.clip_eps)
+        per_seq = rloo_loss(b.logp, b.old_logp, b.mask, b.advantage, self.clip_eps, self.tis(b, per_token=False))
         return per_seq.view(-1, self.group_size).mean(-1)
 
 
@@ -241,7 +263,8 @@ class REBEL(Objective):
     (REBELHParams.eta in ZhaolinGao/REBEL). No KL term: the regression onto the previous policy is REBEL's
     own trust region."""
 
-    name, group_size, ratio, coefficient, default = "rebel", 2, True, "rebel_eta", 1.0
+    name, group_size, coefficient, default = "rebel", 2, "rebel_eta", 1.0
+    settings = frozenset({"rebel_eta"})
 
     def loss(self, b: Batch) -> Tensor:
         pair = lambda x: x.view(-1, 2)  # noqa: E731
@@ -255,8 +278,10 @@ class PPO(Objective):
     beta (kl_coef) defaults to OpenRLHF's init_kl_coef, 0.01; the critic has its own optimizer, learning rate
     (critic_learning_rate, OpenRLHF's 9e-6) and gradient clipping, as in OpenRLHF and verl."""
 
-    name, ratio, trains_critic, coefficient, default = "ppo", True, True, "kl_coef", 0.01
+    name, trains_critic, coefficient, default = "ppo", True, "kl_coef", 0.01
     inputs, kl_inputs = frozenset({"old_values"}), frozenset({"ref_logp", "old_logp"})
+    settings = frozenset({"kl_coef", "clip_eps", "gae_lambda", "critic_learning_rate", "critic_max_grad_norm",
+                          "tis_cap"})
     value_coef = 0.1  # weight of the value loss next to the policy loss (TRL's PPO default)
 
     def prepare(self, b: Batch) -> None:
@@ -276,7 +301,7 @@ class PPO(Objective):
 
     def loss(self, b: Batch) -> Tensor:
         return ppo_loss(b.logp, b.old_logp, b.mask, b.advantage, b.values, b.old_values, b.returns, self.clip_eps,
-                        self.value_coef)
+                        self.value_coef, self.tis(b))
 
 
 OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (AStarPO, GRPO, RLOO, REBEL, PPO)}

@@ -1,4 +1,4 @@
-"""Output folders that survive kills: writability probe, atomic writes, settings guard, checkpoints.
+"""Output folders that survive kills: writability probe, atomic writes, settings guard, log truncation.
 
 Every command (values, train, eval, bench) writes through these, so that a crash or a SIGKILL leaves either the
 old file or the new one, never half of one, and a rerun of the same command resumes instead of mixing runs.
@@ -11,11 +11,9 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-RUN_FILE = "astarpo_run.json"  # in every checkpoint and final model: which reference model it was trained against
 
 
 class OutputError(RuntimeError):
@@ -74,45 +72,6 @@ def check_same_settings(path: Path, settings: dict[str, Any], fix: str) -> None:
         diff = diff_settings(json.loads(path.read_text()), settings)
         if diff:
             raise OutputError(f"{path.parent} holds a run with other settings ({diff}); {fix}")
-
-
-class Checkpoints:
-    """``<root>/step-NNNNNN`` folders, each written as a temporary folder and renamed when complete, the last
-    ``keep`` of them kept. A kill mid-save leaves only ``.step-*.tmp``, which is never loaded and is removed on
-    resume. ``barrier`` and ``is_main`` come from accelerate, so that every process writes its part (its RNG
-    state) before rank 0 renames the folder."""
-
-    def __init__(self, root: Path, keep: int, is_main: bool = True, barrier: Callable[[], None] = lambda: None):
-        self.root, self.keep, self.is_main, self.barrier = Path(root), keep, is_main, barrier
-
-    def all(self) -> list[Path]:
-        return sorted(self.root.glob("step-*"))
-
-    def latest(self) -> tuple[Path | None, int]:
-        """The newest complete checkpoint and its step (None, 0 without one), after removing unfinished ones."""
-        if self.is_main:
-            for tmp in self.root.glob(".step-*.tmp"):
-                shutil.rmtree(tmp, ignore_errors=True)
-        ckpts = self.all()
-        return (ckpts[-1], int(ckpts[-1].name.split("-")[1])) if ckpts else (None, 0)
-
-    def save(self, step: int, write_all: Callable[[Path], None], write_main: Callable[[Path], None]) -> Path:
-        """``write_all(tmp)`` runs on every process, ``write_main(tmp)`` on rank 0 only, then the rename."""
-        final = self.root / f"step-{step:06d}"
-        tmp = final.with_name(f".{final.name}.tmp")
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.barrier()
-        write_all(tmp)
-        self.barrier()
-        if self.is_main:
-            write_main(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self.all()[: -self.keep]:
-                shutil.rmtree(old)
-        self.barrier()
-        return final
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
