@@ -66,7 +66,7 @@ CASES = [
     ("unknown algo", "train --model {model} --algo dpo --output-dir {tmp}/out",
      "algo must be one of astarpo, grpo, rloo, rebel, ppo, got 'dpo'"),
     ("values given to a baseline", "train --model {model} --algo grpo --values {tmp}/v.parquet --output-dir {tmp}/o",
-     "values does not apply to algo grpo (its own settings: clip_eps, group_size, kl_coef); drop it"),
+     "values does not apply to algo grpo (its own settings: clip_eps, group_size, kl_coef, tis_cap); drop it"),
     ("astarpo without values", "train --model {model} --output-dir {tmp}/out",
      "astarpo needs the Stage 1 file from `astarpo values`: pass --values PATH"),
     ("values from another model", "train --model {other_model} --values {tmp}/v.parquet " + TRAIN

@@ -91,3 +91,13 @@ def test_prompt_template_wraps_every_prompt(tmp_path):
     recs = load_records(_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": 2}]), prompt_column="problem",
                         prompt_template="{prompt}\nPut the answer in \\boxed{}.")
     assert recs[0]["prompt"] == "1+1?\nPut the answer in \\boxed{}."
+
+
+def test_step_prompts_visit_every_prompt_once_per_epoch_in_a_seeded_order():
+    from astarpo.data import step_prompts
+
+    steps = [step_prompts(10, 4, k, seed=3) for k in range(5)]  # 20 visits: two epochs, step 2 spans both
+    visits = [i for s in steps for i in s]
+    assert sorted(visits[:10]) == sorted(visits[10:]) == list(range(10))
+    assert visits[:10] != visits[10:]  # a fresh permutation per epoch
+    assert step_prompts(10, 4, 2, seed=3) == steps[2] and step_prompts(10, 4, 2, seed=4) != steps[2]

@@ -101,12 +101,13 @@ def test_collect_scores_each_sample_with_its_records_columns(tiny_model):
 
 class PlainGenerateSampler:
     """A second engine behind the Sampler interface: generate(num_return_sequences=n), no shared prefill, and
-    its own copy of the weights, refreshed by load_weights after every update (as an external engine would be)."""
+    its own copy of the weights, refreshed by load_weights after every update (as an external engine would be),
+    and nothing to free while the policy updates (sleep)."""
 
     def __init__(self, model, tokenizer, eos):
         import copy
 
-        self.model, self.tokenizer, self.eos, self.loads = copy.deepcopy(model), tokenizer, eos, 0
+        self.model, self.tokenizer, self.eos, self.loads, self.sleeps = copy.deepcopy(model), tokenizer, eos, 0, 0
 
     def generate(self, prompt_tokens, n, params, progress=None):
         return sample(self.model, self.tokenizer, prompt_tokens, n, params.temperature, params.top_p,
@@ -115,6 +116,9 @@ class PlainGenerateSampler:
     def load_weights(self, model):
         self.model.load_state_dict(model.state_dict())
         self.loads += 1
+
+    def sleep(self):
+        self.sleeps += 1
 
 
 def test_a_second_engine_plugs_into_stage2(tiny_model, tmp_path):
@@ -127,7 +131,7 @@ def test_a_second_engine_plugs_into_stage2(tiny_model, tmp_path):
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     trainer.sampler = engine = PlainGenerateSampler(policy, trainer.tokenizer, trainer.eos)
     trainer.train()
-    assert engine.loads == 2  # one weight push per step
+    assert engine.loads == engine.sleeps == 2  # one weight push per step, after the update it slept through
     assert all(torch.equal(a, b) for a, b in zip(engine.model.state_dict().values(), policy.state_dict().values()))
 
 

@@ -71,3 +71,32 @@ def test_gathering_for_generation_costs_the_whole_bf16_weights_while_sampling():
         assert once["peak"] > per_token["peak"]
     ddp = [plan(s, 8, "ddp", gather_for_generation=g) for g in (True, False)]
     assert ddp[0] == ddp[1]  # nothing to gather
+
+
+def test_the_hybrid_engine_is_counted_beside_the_trainer():
+    """vLLM in every process: its whole bf16 weights and the KV cache of this GPU's sequences (hand-computed for
+    Qwen2.5-1.5B on 4 GPUs: 64 sequences of 1280 tokens, 28 layers, keys and values of 2 heads x 128, bf16).
+    With sleep mode it holds them only while generating; without, through the update as well."""
+    s = QWEN25["qwen2.5-1.5b"]
+    awake = plan(s, 4, "fsdp2", engine="vllm", sleep_mode=False)
+    asleep = plan(s, 4, "fsdp2", engine="vllm")
+    assert asleep["engine_weights"] == 2 * s.params()
+    assert asleep["engine_kv_cache"] == 64 * 1280 * 28 * 2 * 256 * 2
+    states = sum(asleep[k] for k in ("weights", "gradients", "optimizer", "reference"))
+    engine = asleep["engine_weights"] + asleep["engine_kv_cache"]
+    assert asleep["peak"] == states + max(asleep["micro_batch"], asleep["optimizer_step"], engine)
+    assert awake["peak"] == states + engine + max(awake["micro_batch"], awake["optimizer_step"])
+    assert "engine_weights" not in plan(s, 4, "fsdp2")  # HF generate: the policy samples itself
+    out = json.loads(_cli_json(["plan", "--model", "qwen2.5-1.5b", "--gpus", "4", "--strategy", "fsdp2",
+                                "--engine", "vllm", "--no-sleep-mode", "--json"]))
+    assert out["fsdp2"]["peak"] == awake["peak"]
+
+
+def _cli_json(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    return buf.getvalue()

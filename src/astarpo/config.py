@@ -68,8 +68,13 @@ class CommonConfig:
     trust_remote_code: bool = field(default=False, metadata=_free())
     engine: str = field(default="hf", metadata=_free(
         "generation engine: hf (transformers generate) | vllm (pip install 'astarpo[vllm]'; README)"))
-    vllm_gpu_memory_utilization: float = field(default=0.9, metadata=_free(
-        "vllm: share of GPU memory for weights and KV cache (unless vllm_kv_cache_gb is set)"))
+    vllm_gpu_memory_utilization: float | None = field(default=None, metadata=_free(
+        "vllm: share of GPU memory for the engine's weights and KV cache (unless vllm_kv_cache_gb is set); default "
+        "0.9 for values and eval, 0.3 for train, where the engine shares each GPU with the policy (TRL's colocate "
+        "default); `astarpo plan --engine vllm` gives what it must hold"))
+    vllm_sleep_mode: bool = field(default=True, metadata=_free(
+        "vllm on GPU: train puts the engine to sleep for every update (its weights and KV cache freed) and wakes it "
+        "for generation; vLLM's CPU build has no sleep mode (ignored there)"))
     vllm_tensor_parallel_size: int = field(default=1, metadata=_free("vllm: GPUs per engine (values, eval)"))
     vllm_kv_cache_gb: float | None = field(default=None, metadata=_free(
         "vllm: KV cache size in GiB (default: from vllm_gpu_memory_utilization on GPU, 4 on CPU)"))
@@ -96,7 +101,7 @@ class CommonConfig:
         _choice("engine", self.engine, ("hf", "vllm"))
         if self.vllm_dtype is not None:
             _choice("vllm_dtype", self.vllm_dtype, ("float32", "bfloat16", "float16"))
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_tensor_parallel_size < 1:
             raise ConfigError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")

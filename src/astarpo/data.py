@@ -17,6 +17,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
 PACKAGED_DATA = Path(__file__).with_name("benchmark_data")  # the benchmark test sets, README.md and SHA256SUMS
@@ -252,3 +254,16 @@ def encode_prompts(
     if not kept:
         raise DataError("no prompt left after dropping over-long prompts")
     return kept, ids
+
+
+def step_prompts(n_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Positions of the prompts of training step ``step``: consecutive slices of a fresh seeded permutation per
+    epoch (a step may span the end of one epoch and the start of the next), so every prompt is visited once per
+    epoch and a resumed run visits them in the same order."""
+    out, perms = [], {}
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n_prompts)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(perms[epoch][pos]))
+    return out

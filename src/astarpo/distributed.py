@@ -90,7 +90,7 @@ def strategy(acc: Accelerator) -> str:
     return "ddp" if acc.num_processes > 1 else "single"
 
 
-def check_supported(acc: Accelerator, *, critic: bool, engine: str) -> None:
+def check_supported(acc: Accelerator, *, critic: bool, engine: str, lora: bool) -> None:
     """Refuse, before any model loads, what the strategy cannot do yet."""
     name = strategy(acc)
     if name in ("zero0", "zero1"):
@@ -101,9 +101,10 @@ def check_supported(acc: Accelerator, *, critic: bool, engine: str) -> None:
     if name == "zero3" and importlib.util.find_spec("trl") is None:
         raise StrategyError("sampling under ZeRO-3 gathers the weights with TRL's unwrap_model_for_generation: "
                             "pip install 'astarpo[deepspeed]' (or trl)")
-    if engine != "hf" and name in ("fsdp2", "zero3"):
-        raise StrategyError(f"--engine {engine} needs the policy's whole weights after every step, which {name} "
-                            "keeps on no process; use --engine hf, or DDP/ZeRO-2")
+    if engine != "hf" and lora and name in ("fsdp2", "zero3"):
+        raise StrategyError(f"LoRA with --engine {engine} pushes the merged weights (W + BA) into the engine, "
+                            f"which peft merges only in whole weights, and {name} keeps them sharded; use DDP or "
+                            "ZeRO-2 for LoRA with vllm, or --engine hf")
 
 
 def prepare_reference(acc: Accelerator, model: Any) -> Any:
@@ -286,6 +287,28 @@ def full_state_dict(acc: Accelerator, model: Any) -> dict[str, torch.Tensor]:
         if acc.is_main_process:
             out[name] = full.cpu()
     return out
+
+
+def whole_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.state_dict()``'s tensors, each whole on every process, one at a time: what each process's own
+    generation engine loads after an optimizer step. A DDP or ZeRO-2 model holds them whole already; an FSDP2
+    tensor (a DTensor shard) and a ZeRO-3 parameter (a partition) are all-gathered one at a time, so a process
+    never holds more than one extra tensor. Every process must consume the whole iterator, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in model.state_dict().items():
+        param = params.get(name)
+        if param is not None and hasattr(param, "ds_id"):  # a ZeRO-3 partition
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                whole = param.data.clone()
+            yield name, whole
+        elif isinstance(value, DTensor):
+            yield name, value.full_tensor()
+        else:
+            yield name, value
 
 
 def as_float(x: Any) -> float:

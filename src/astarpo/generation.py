@@ -81,6 +81,10 @@ class Sampler(Protocol):
         """Take the weights of ``model`` (the policy being trained)."""
         ...
 
+    def sleep(self) -> None:
+        """Free what the engine can until the next ``load_weights`` (Stage 2 calls it before each update)."""
+        ...
+
 
 class HFSampler:
     """Hugging Face ``generate`` on a model in this process, each prompt prefilled once for its ``n`` samples.
@@ -100,6 +104,9 @@ class HFSampler:
     def load_weights(self, model: Any) -> None:
         if model is not self.model:
             raise ValueError("HFSampler samples from the model it was built with; build it with the policy")
+
+    def sleep(self) -> None:
+        """Nothing to free: the policy itself samples."""
 
 
 def collect(sampler: Sampler, records: list[dict[str, Any]], prompt_tokens: list[list[int]], n: int,

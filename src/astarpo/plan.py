@@ -108,9 +108,16 @@ def activation_bytes_per_token(s: Shape, layer: bool = True) -> int:
 def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, prompt_tokens: int = 256,
          response_tokens: int = 1024, gradient_checkpointing: bool = True, chunked_logits: bool = True,
          lora_rank: int = 0, generation_batch: int = 256, batch: int = 256, group_size: int = 1,
-         gather_for_generation: bool = True) -> dict[str, float]:
+         gather_for_generation: bool = True, engine: str = "hf", engine_bytes: int = 2,
+         sleep_mode: bool = True) -> dict[str, float]:
     """Per-GPU bytes by component, and ``peak``: the sum of the states plus the largest transient phase.
-    Each GPU generates its ``batch * group_size / gpus`` sequences, ``generation_batch`` at a time."""
+    Each GPU generates its ``batch * group_size / gpus`` sequences, ``generation_batch`` at a time (HF generate).
+
+    ``engine="vllm"``: the hybrid engine, a vLLM engine beside the trainer on every GPU, holding its own whole
+    weights (``engine_bytes`` per parameter: 2 for bfloat16) and the KV cache of all this GPU's sequences at once.
+    With ``sleep_mode`` the engine frees both during the update and holds them only while generating, so it
+    competes with the trainer's transient phases instead of adding to them. vLLM itself reserves its
+    ``gpu_memory_utilization`` share of the GPU, which must cover these two terms (plus its activations)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
     P, N = s.params(), gpus
@@ -160,17 +167,25 @@ def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, p
     # Generation: KV cache (keys float32 after rotary under autocast, values bf16), and the layers gathered or
     # copied; FSDP2 and ZeRO-3 gather every layer once for sampling (distributed.ready_for_generation).
     kv = 2 * s.kv_dim * (2 if deepspeed else 3)
-    sequences = min(generation_batch, -(-batch * group_size // gpus))
+    mine = -(-batch * group_size // gpus)  # this GPU's sequences per step
+    states = out["weights"] + out["gradients"] + out["optimizer"] + out["reference"]
+    if engine == "vllm":  # the engine samples; the trainer holds nothing extra for it
+        out["engine_weights"] = engine_bytes * P
+        out["engine_kv_cache"] = mine * (prompt_tokens + response_tokens) * s.layers * 2 * s.kv_dim * engine_bytes
+        out["generation"] = out["engine_weights"] + out["engine_kv_cache"]
+        awake = 0 if sleep_mode else out["generation"]  # held through the update too, without sleep mode
+        out["peak"] = states + awake + max(out["micro_batch"], out["optimizer_step"], out["generation"] - awake)
+        return out
+    sequences = min(generation_batch, mine)
     gather = gather_for_generation and strategy in ("fsdp2", "zero3")
     weights_while_sampling = 2 * P if gather else out["compute_copies"]
     out["generation"] = sequences * (prompt_tokens + response_tokens) * s.layers * kv + weights_while_sampling
-    states = out["weights"] + out["gradients"] + out["optimizer"] + out["reference"]
     out["peak"] = states + max(out["micro_batch"], out["optimizer_step"], out["generation"])
     return out
 
 
 ROWS = ("weights", "gradients", "optimizer", "reference", "compute_copies", "activations", "logits", "micro_batch",
-        "optimizer_step", "generation", "peak")
+        "optimizer_step", "engine_weights", "engine_kv_cache", "generation", "peak")
 
 
 def table(model: str, gpus: int, strategies: tuple[str, ...] = STRATEGIES, **kw) -> str:
@@ -183,6 +198,8 @@ def table(model: str, gpus: int, strategies: tuple[str, ...] = STRATEGIES, **kw)
             f"tokens, GiB per GPU\n\n")
     lines = ["| component | " + " | ".join(strategies) + " |", "|---" * (len(strategies) + 1) + "|"]
     for row in ROWS:
+        if row not in plans[strategies[0]]:
+            continue
         lines.append(f"| {row} | " + " | ".join(f"{plans[st][row] / GIB:.1f}" for st in strategies) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -201,6 +218,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--no-gather-for-generation", dest="gather_for_generation", action="store_false",
                    help="FSDP2/ZeRO-3 gather layer by layer for every sampled token (astarpo train's flag)")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="vllm: the hybrid engine, a vLLM engine beside the trainer on every GPU")
+    p.add_argument("--engine-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="vllm: the engine's weights and KV cache (astarpo train's vllm_dtype, default its dtype)")
+    p.add_argument("--no-sleep-mode", dest="sleep_mode", action="store_false",
+                   help="vllm: the engine keeps its weights and KV cache through the update")
     p.add_argument("--json", action="store_true", help="bytes per component as JSON instead of a table")
 
 
@@ -208,7 +231,8 @@ def run(a: argparse.Namespace) -> str:
     """The table (or JSON) for parsed ``astarpo plan`` flags."""
     kw = dict(micro_batch=a.micro_batch, prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens,
               gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, batch=a.batch,
-              generation_batch=a.generation_batch, gather_for_generation=a.gather_for_generation)
+              generation_batch=a.generation_batch, gather_for_generation=a.gather_for_generation, engine=a.engine,
+              engine_bytes=2 if a.engine_dtype == "bfloat16" else 4, sleep_mode=a.sleep_mode)
     strategies = tuple(a.strategy or STRATEGIES)
     if not a.json:
         return table(a.model, a.gpus, strategies, **kw)

