@@ -6,76 +6,28 @@ they differ only in the order of floating-point reductions. Measured on this mac
 model: losses within 1e-6 of DDP, final weights within 2e-6 (ZeRO-3 the widest). The tests allow 1e-5. A killed
 run resumed from its checkpoint ends with exactly the weights of an uninterrupted run (AdamW state included).
 
-Every launch has a time limit: a hang between processes fails the test with the last lines of the log, and the
-whole process tree is killed. DeepSpeed's first launch on a machine compiles a communication op (about 90 s).
+Every launch has a time limit, and a failed or hung one shows each rank's last lines (``tests/launcher.py``).
+DeepSpeed's first launch on a machine compiles a communication op (about 90 s).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from launcher import ENV, LIMIT_S, launch, launch_and_kill
 from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-LIMIT_S = 300
 TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _command(strategy: str, args: list[str]) -> list[str]:
-    config = ROOT / "configs" / "accelerate" / f"{strategy}_1node_8gpu.yaml"
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-            "--main_process_port", str(_free_port()), "-m", "astarpo", *args]
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """The launcher and every worker: torchrun's workers outlive a killed launcher."""
-    try:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-
-
-def launch(strategy: str, args: list[str], cwd: Path, ok: bool = True) -> str:
-    """Run ``astarpo ARGS`` in two processes under ``strategy``; its stderr."""
-    with subprocess.Popen(_command(strategy, args), cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as proc:
-        try:
-            _, err = proc.communicate(timeout=LIMIT_S)
-        except subprocess.TimeoutExpired:
-            _kill_tree(proc)
-            pytest.fail(f"{strategy}: `astarpo {args[0]}` did not finish in {LIMIT_S} s (processes out of step?)")
-    if ok:
-        assert proc.returncode == 0, f"{strategy}: {err[-4000:]}"
-    else:
-        assert proc.returncode != 0
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +92,7 @@ def test_strategy_matches_ddp_and_resumes_after_a_kill(strategy, work, tiny_mode
     # Kill every process once the step-2 checkpoint exists, then run the same command again.
     killed = work / f"{strategy}-killed"
     args = _train(tiny_model, killed.name)
-    with subprocess.Popen(_command(strategy, args), cwd=work, env=ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL) as proc:
-        deadline = time.monotonic() + LIMIT_S
-        while not (killed / "checkpoints" / "step-000002").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.02)
-        _kill_tree(proc)
+    launch_and_kill(strategy, args, work, until=killed / "checkpoints" / "step-000002")
     assert not (killed / "final").exists()
     err = launch(strategy, args, work)
     assert "resumed from" in err

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -41,8 +40,6 @@ from .objectives import OBJECTIVES, Batch, seq_sum
 from .rundir import check_writable
 from .utils import peak_memory_mb
 from .values import training_values
-
-log = logging.getLogger(__name__)
 
 
 class TrainError(RuntimeError):

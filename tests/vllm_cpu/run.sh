@@ -17,4 +17,8 @@ fi
 # bring the three CUDA packages back.
 "$VENV/bin/pip" install -q -e '.[test]'
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# DeepSpeed compiles a communication op on its first launch (about 90 s); this environment's torch is another
+# build than the main one's, so it keeps its own compiled ops (in the shared default folder each environment
+# would rebuild over the other's, and a launch waiting on the other's build overruns its time limit).
+export TORCH_EXTENSIONS_DIR="$VENV/torch-extensions"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm_cpu
