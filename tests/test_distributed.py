@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from conftest import rank_logs
 from safetensors.torch import load_file
 
 from astarpo.values import read_values
@@ -18,11 +19,15 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _run(args: list[str], processes: int, cwd: Path) -> None:
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "astarpo", "--"]
+    """``astarpo ARGS`` in ``processes`` processes; on failure, the last lines of the launcher and of each rank."""
+    logs = cwd / "launch-logs" / f"{len(list(cwd.glob('launch-logs/*')))}-{args[0]}"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                "--log-dir", str(logs), "--tee", "3", "-m", "astarpo", "--"]
     cmd = [sys.executable, *(launcher if processes > 1 else ["-m", "astarpo"]), *args]
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{rank_logs(logs) if processes > 1 else ''}"
 
 
 def test_two_processes_match_one(tiny_model, tmp_path):
