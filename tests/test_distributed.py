@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from conftest import rank_logs
+from launcher import rank_logs
 from safetensors.torch import load_file
 
 from astarpo.values import read_values
