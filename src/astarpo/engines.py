@@ -170,8 +170,10 @@ def release_engines() -> None:
     """Before a multi-process command leaves: vLLM's own process groups (built over the launch's) are destroyed
     while the launch's group still exists; the engine's finalizer at exit would otherwise try to destroy them
     after accelerate destroyed the launch's group, and fail."""
-    if not _ENGINES:
-        return
+    import torch.distributed as dist
+
+    if not (_ENGINES and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return  # a single process's engine owns its world of one, and stays for reuse
     from vllm.distributed import parallel_state
 
     parallel_state.destroy_model_parallel()
