@@ -138,8 +138,8 @@ def _colocated(tensor_parallel_size: int) -> dict[str, Any]:
         return {}
     if tensor_parallel_size > 1:
         raise StrategyError("with several processes every process runs its own vLLM engine: use "
-                         "vllm_tensor_parallel_size 1 (one engine over several GPUs is for single-process values "
-                         "and eval)")
+                            "vllm_tensor_parallel_size 1 (one engine over several GPUs is for single-process values "
+                            "and eval)")
     from accelerate import PartialState
 
     state = PartialState()
