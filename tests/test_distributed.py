@@ -72,8 +72,6 @@ def test_each_process_samples_from_its_own_stream_and_resumes_it(tiny_model, tmp
     """Sampled responses (temperature 1) in two processes: each process is seeded apart (run seed + its index, so
     the two never draw the same random numbers), and a run resumed from its checkpoint continues both streams
     exactly: the same responses, so the same rewards, losses and weights as the uninterrupted run."""
-    import pickle
-
     common = ["--model", str(tiny_model), "--max-new-tokens", "6", "--limit", "12"]
     _run(["values", *common, "--n", "2", "--output", "v.parquet"], 1, tmp_path)
     table = pq.read_table(tmp_path / "v.parquet")  # varied rewards, for a gradient (the tiny model earns none)
@@ -84,8 +82,8 @@ def test_each_process_samples_from_its_own_stream_and_resumes_it(tiny_model, tmp
     _run([*train, "--steps", "3", "--output-dir", "whole"], 2, tmp_path)
     _run([*train, "--steps", "2", "--output-dir", "resumed"], 2, tmp_path)
     _run([*train, "--steps", "3", "--output-dir", "resumed"], 2, tmp_path)
-    states = [pickle.loads((tmp_path / "whole" / "checkpoints" / "step-000003" / f"random_states_{i}.pkl")
-                           .read_bytes()) for i in (0, 1)]
+    states = [torch.load(tmp_path / "whole" / "checkpoints" / "step-000003" / f"random_states_{i}.pkl",
+                         weights_only=False) for i in (0, 1)]  # accelerate's RNG states, written by torch.save
     assert states[0]["random_state"] != states[1]["random_state"]  # seeded apart (Python's stream: never drawn)
     assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])
     whole, resumed = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
