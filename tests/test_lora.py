@@ -5,6 +5,7 @@ from safetensors.torch import load_file
 from test_pipeline import DigitReward, _train_cfg, _values
 
 from astarpo import Trainer
+from astarpo.assembly import reference_logprobs
 from astarpo.config import EvalConfig
 from astarpo.evaluate import run_eval
 from astarpo.logprobs import sequence_logprobs
@@ -25,7 +26,7 @@ def test_lora_reference_is_the_untouched_base(tiny_model, tmp_path):
     roll = sample(policy, trainer.tokenizer, trainer.prompt_ids[:4], 2, 1.0, 1.0, 6, trainer.eos)
     untouched = load_model(tiny_model)
     pad = trainer.tokenizer.pad_token_id
-    ref = trainer.reference_logprobs(roll).sum(-1)  # per token -> per response
+    ref = reference_logprobs(trainer.accelerator, trainer.models, roll, pad, 8).sum(-1)  # per token -> response
     assert torch.allclose(ref, sequence_logprobs(untouched, roll, pad), atol=1e-5)
     assert not torch.allclose(sequence_logprobs(policy, roll, pad), ref, atol=1e-3)  # adapters did train
     # the final directory holds adapters; loading merges them, and eval finds the base as reference
