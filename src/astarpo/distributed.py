@@ -319,18 +319,23 @@ def leave_processes() -> None:
     1. Wait for the others, then destroy the process group if the command has not (``train`` has, with accelerate's
        ``end_training``; ``values`` had not: every process exited with its gloo group alive).
     2. Run the ``atexit`` handlers (logging, the reward worker pools, ``weakref.finalize``) and flush stdout and
-       stderr, then ``os._exit(0)``: no interpreter teardown and no C++ static destructors. The work is done and
+       stderr, then ``os._exit(0)``: no interpreter finalization, no C++ static destructors. The work is done and
        saved by then; a thread still running is stopped, not waited for.
 
-    Why: at that point native threads are still running and nothing can stop them. ``destroy_process_group`` does
-    not end gloo's threads while anything still holds the group (the DDP reducer, FSDP2's device mesh, DeepSpeed's
-    groups): measured after ``train`` under DDP, FSDP2, ZeRO-2 and ZeRO-3, every process still had one or two
-    gloo groups, each with its two worker threads and an I/O loop that wakes every 10 ms on the sockets to the
-    other process, which exits at the same moment. pyarrow's thread pool is alive too (the Stage 1 file). Native
-    threads still running while the process tears down the objects they use is the known cause of an intermittent
-    SIGABRT ("terminate called ...") at exit after all work is done (gloo: pytorch/pytorch#179291; pyarrow's pool:
-    apache/arrow#34314), on one process only: the signature of the sharded tests' failures (rank 1, SIGABRT).
-    ``os._exit`` leaves that teardown to the OS, which closes the sockets and files.
+    Why: gloo's worker threads release the work objects of the last collectives a little after those collectives
+    have returned, and a late release during interpreter finalization aborts the process after all its work is
+    done. Gloo's barrier holds the collectives issued before it (here the all-gathers of the final weights under
+    FSDP2 and ZeRO-3, just before the trainer's last ``wait_for_everyone``); destroying them drops tensors whose
+    Python objects need the GIL; a thread that asks for the GIL while the interpreter finalizes is ended inside
+    that C++ destructor, and ``std::terminate`` aborts: "terminate called without an active exception", SIGABRT,
+    on the rank that leaves right after its last collective (rank 1: rank 0 still writes and prints). Core dump
+    of a reproduction (two gloo processes, FSDP2, rank 0 leaving 0-0.4 s after rank 1: 3 aborts in 159 runs on
+    two busy cores): ``ProcessGroupGloo::runLoop`` > ``~AsyncBarrierWork`` > ``~AsyncAllgatherCoalescedWork`` >
+    ``TensorImpl::decref_pyobject`` > ``gil_scoped_acquire`` > ``take_gil`` > ``PyThread_exit_thread`` >
+    ``std::terminate``, with the main thread in ``Py_FinalizeEx``. ``destroy_process_group`` cannot prevent it:
+    the groups even outlive it, held by the DDP reducer, FSDP2's mesh and DeepSpeed, threads included. With
+    ``os._exit`` the interpreter never finalizes, so a late release takes the GIL as usual, or the process has
+    ended first.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
