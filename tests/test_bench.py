@@ -1,6 +1,7 @@
 """`astarpo bench`: the report's arithmetic on known figures, then a real (tiny) run with resume; and
 benchmarks/sampling.py end to end."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -70,8 +71,14 @@ def test_report_figures(tmp_path):
     assert g["seeds"]["0"]["seconds_to_target"] == 32.0 and g["seeds"]["1"]["seconds_to_target"] is None
     assert (g["seconds_to_target"], g["seconds_to_target_n"]) == (32.0, 1)
     assert [c["accuracy"] for c in a["curve"]] == [0.2, 0.35, 0.55]  # the mean curve, for `astarpo report`
+    # GRPO's final accuracy, the mean of 0.45 and 0.35: A*-PO's seed 0 reaches it at step 2 (4 s of steps, plus 30 s
+    # of Stage 1), seed 1 half way from step 2 to step 4 (6 s, plus 40 s); GRPO's seed 1 never does
+    assert report["grpo_final_accuracy"] == 0.4
+    assert (seeds["0"]["seconds_to_grpo_final"], seeds["1"]["seconds_to_grpo_final"]) == (34.0, 46.0)
+    assert (seeds["0"]["total_seconds"], seeds["0"]["train_generation_seconds"]) == (39.0, 4.5)
+    assert g["seeds"]["1"]["seconds_to_grpo_final"] is None
     assert g["astarpo_verdict"] == {"accuracy": "wins", "kl_at_target": "n/a", "seconds_to_target": "n/a",
-                                    "step_seconds": "wins", "peak_memory_mb": "wins"}
+                                    "seconds_to_grpo_final": "n/a", "step_seconds": "wins", "peak_memory_mb": "wins"}
     assert report["learning_rate_sweep"]["grpo"]["2e-05"]["validation_accuracy"] == 0.6
     t = report["methods"]["trl-a2po"]  # reaches 0.375 7/8 of the way to step 2 (10 s), after 100 s of Stage 1
     assert (t["learning_rate"], t["stage1_seconds"], t["seconds_to_target"], t["tokens_per_second"]) == \
@@ -79,13 +86,48 @@ def test_report_figures(tmp_path):
     assert t["astarpo_verdict"]["step_seconds"] == "wins" and t["astarpo_verdict"]["accuracy"] == "wins"
     table = markdown(report)
     assert "| grpo | 2e-05 | 64 | 10.00 ± 0.00 | 1603 ± 0 | 40.0 ± 7.1 | 3.00 ± 0.00 | 2.50 (1/2 seeds) |" in table
-    assert "Target accuracy 37.5%" in table and "| grpo | wins | n/a | n/a | wins | wins |" in table
+    assert "Target accuracy 37.5%" in table and "| grpo | wins | n/a | n/a | n/a | wins | wins |" in table
     assert "| grpo | 30% (50%, 2.00) | 60% (45%, 3.00) |" in table
+    # where the time goes: Stage 1, then half of every step sampling (the figures above), the other half training
+    assert "| astarpo | 35 | 4 | 4 | 44 ± 6 |" in table
+    assert "| trl-a2po | 100 | n/a | n/a | 120 ± 0 |" in table
+
+
+def test_report_with_rates_given_per_method(tmp_path):
+    """method=rate: each method trains at its own rate at every seed, nothing is swept, and the report says so."""
+    cfg = BenchConfig(algos="astarpo,grpo", seeds="0", learning_rates="grpo=2e-5,astarpo=1e-5", steps=2,
+                      eval_every=2, output_dir=str(tmp_path))
+    assert cfg.rates == {"astarpo": [1e-5], "grpo": [2e-5]} and not cfg.swept
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "stage1_seconds.json").write_text("10.0")
+    _metrics(tmp_path / "seed0" / "lr1e-05" / "astarpo", [2.0, 2.0], 8, 1000)
+    _metrics(tmp_path / "seed0" / "lr2e-05" / "grpo", [10.0, 10.0], 64, 1600)
+    scores = {"base": {"0": _score(0.2, 0.0)}, "0/1e-05/astarpo": {"2": _score(0.5, 1.0)},
+              "0/2e-05/grpo": {"2": _score(0.4, 2.0)}}
+    report = summarize(cfg, scores)
+    assert {n: m["learning_rate"] for n, m in report["methods"].items()} == {"astarpo": 1e-5, "grpo": 2e-5}
+    # 0.2 -> 0.5 over 4 s of steps: 0.4 two thirds of the way, plus 10 s of Stage 1
+    assert report["methods"]["astarpo"]["seconds_to_grpo_final"] == 12.667
+    table = markdown(report)
+    assert "Learning rates as given (no sweep)." in table and "Learning-rate sweep" not in table
 
 
 def test_bench_config_errors():
     with pytest.raises(ConfigError, match="quick sets steps itself"):
         BenchConfig(quick=True, steps=10)
+    with pytest.raises(ConfigError, match="choose one of quick, paper_regime"):
+        BenchConfig(quick=True, paper_regime=True)
+    with pytest.raises(ConfigError, match="method=rate must name each method once"):
+        BenchConfig(algos="astarpo,grpo", learning_rates="astarpo=1e-5")
+    with pytest.raises(ConfigError, match="distinct positive rates"):
+        BenchConfig(learning_rates="1e-5,abc")
+    with pytest.raises(ConfigError, match="not positive"):
+        BenchConfig(learning_rates="astarpo=0,grpo=1e-5,rloo=1e-5,rebel=1e-5,ppo=1e-5")
+    if importlib.util.find_spec("vllm") is None:  # the main environment: the preset samples with vLLM
+        with pytest.raises(ConfigError, match="engine vllm needs vLLM"):
+            BenchConfig(paper_regime=True)
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
+        BenchConfig(max_new_tokens=0)
     with pytest.raises(ConfigError, match="algos must be one of"):
         BenchConfig(algos="astarpo,dpo")
     with pytest.raises(ConfigError, match="each method once"):

@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import InterruptibleReward, build_tiny_model
@@ -54,10 +55,16 @@ def test_values_resume_after_interruption_equals_uninterrupted(tiny_model, tmp_p
     out = tmp_path / "resumed.parquet"
     with pytest.raises(KeyboardInterrupt):
         _values(tiny_model, out, reward_fn=DigitReward(fail_after=2))
-    assert len(list((tmp_path / "resumed.parquet.shards").glob("shard-*.parquet"))) == 2 and not out.exists()
+    shards = sorted((tmp_path / "resumed.parquet.shards").glob("shard-*.parquet"))
+    assert len(shards) == 2 and not out.exists()
+    before = sum(json.loads(pq.read_schema(p).metadata[b"astarpo_sampling_seconds"]) for p in shards)
     resumed = read_values(_values(tiny_model, out))
     assert resumed.ids == full.ids
     assert (resumed.rewards == full.rewards).all()
+    # Stage 1's sampling time counts the shards of both processes: the interrupted one's, and the rest, sampled
+    # within the resumed process's time
+    sampling = resumed.provenance["sampling_seconds"]
+    assert before > 0 and before - 0.01 <= sampling <= before + resumed.provenance["seconds"] + 0.01
 
 
 def test_values_refuses_to_overwrite_other_settings(tiny_model, tmp_path):

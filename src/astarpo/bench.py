@@ -27,7 +27,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,13 @@ import yaml
 from . import __version__, rewards
 from .config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
 from .data import encode_prompts, load_records
+from .engines import make_sampler
 from .evaluate import evaluate, kl_to_ref
 from .generation import HFSampler, SamplingParams
 from .models import eos_ids, load_model, load_tokenizer, resolve_model
 from .objectives import OBJECTIVES
 from .rundir import check_same_settings, write_json_atomic
+from .values import read_values
 
 
 class BenchError(RuntimeError):
@@ -80,7 +81,9 @@ def heldout_records(recipe: TrainConfig, train_prompts: int) -> list[dict[str, A
 
 class _Scorer:
     """A checkpoint's greedy accuracy on the validation and report problems, and its KL to the reference on
-    responses sampled at temperature 1 for the first ``kl_prompts`` report problems; in this (untimed) process."""
+    responses sampled at temperature 1 for the first ``kl_prompts`` report problems; in this (untimed) process.
+    The greedy responses come from the bench's engine (one vLLM engine here, the checkpoint's weights pushed into
+    it), the KL samples from HF ``generate`` under a fixed seed (the same samples for the same weights)."""
 
     def __init__(self, recipe: TrainConfig, cfg: BenchConfig) -> None:
         self.recipe, self.validation, self.kl_prompts = recipe, cfg.validation_prompts, cfg.kl_prompts
@@ -94,11 +97,14 @@ class _Scorer:
                                                        recipe.use_chat_template, recipe.on_long_prompt)
         self.ref = load_model(self.model_dir).eval()
         self.reward_fn = rewards.resolve(recipe.reward)[1]
+        self.sampler = make_sampler(recipe, self.model_dir, self.tokenizer) if recipe.engine == "vllm" else None
 
     def __call__(self, model_dir: Path | None) -> dict[str, float]:
         model = self.ref if model_dir is None else load_model(model_dir).eval()
+        if self.sampler is not None:
+            self.sampler.load_weights(model)
         res = evaluate(model, self.tokenizer, self.records, self.prompt_ids, self.reward_fn,
-                       max_new_tokens=self.recipe.max_new_tokens, progress=None)
+                       max_new_tokens=self.recipe.max_new_tokens, progress=None, sampler=self.sampler)
         right = [s["reward"] for s in res["samples"]]
         report = slice(self.validation, self.validation + self.kl_prompts)
         torch.manual_seed(self.recipe.seed)  # the same KL samples for the same weights
@@ -116,8 +122,8 @@ def _lr(x: float) -> str:
 def bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the comparison (resuming whatever a previous run of the same settings finished) and write the report.
 
-    Each method trains at every learning rate at the first seed; the rate with the best validation accuracy after
-    the last step is its rate for the other seeds. Every (seed, rate, method) run is a directory
+    Each method trains at each of its learning rates at the first seed; the rate with the best validation accuracy
+    after the last step is its rate for the other seeds. Every (seed, rate, method) run is a directory
     ``seed<S>/lr<LR>/<method>``; every seed has its own Stage 1 (``seed<S>/values.parquet``).
     """
     from tqdm.auto import tqdm
@@ -129,7 +135,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
                 if k not in ("output_dir", "json", "target_accuracy", "external")}
     check_same_settings(out / "bench_settings.json", settings, "choose another --output-dir or delete it")
     write_json_atomic(out / "bench_settings.json", settings)
-    seeds, rates = cfg.seed_values, cfg.learning_rate_values
+    seeds, rates = cfg.seed_values, cfg.rates
     scorer = _Scorer(recipe(cfg, seeds[0])[2], cfg)
     scores_file = out / "scores.json"
     scores: dict[str, dict[str, dict[str, float]]] = json.loads(scores_file.read_text()) if scores_file.is_file() \
@@ -137,9 +143,10 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     if "base" not in scores:
         scores["base"] = {"0": scorer(None)}
         write_json_atomic(scores_file, scores)
-    bar = tqdm(total=len(cfg.segments) * len(cfg.algo_names) * (len(rates) + len(seeds) - 1)
+    first = [(seeds[0], lr, algo) for algo in cfg.algo_names for lr in rates[algo]]
+    bar = tqdm(total=len(cfg.segments) * (len(first) + (len(seeds) - 1) * len(cfg.algo_names))
                + len(seeds) * len(cfg.external_names), desc="bench", dynamic_ncols=True)
-    _train(cfg, out, [(seeds[0], lr, algo) for lr in rates for algo in cfg.algo_names], scores, scorer, bar)
+    _train(cfg, out, first, scores, scorer, bar)
     chosen = choose_rates(cfg, scores)
     _train(cfg, out, [(seed, chosen[algo], algo) for seed in seeds[1:] for algo in cfg.algo_names], scores, scorer,
            bar)
@@ -168,15 +175,16 @@ def _key(seed: int, lr: float, algo: str) -> str:
 
 
 def _stage1(cfg: BenchConfig, out: Path, seed: int) -> Path:
-    """The seed's A*-PO values, computed (and timed) once, on every training prompt."""
+    """The seed's A*-PO values, computed once, on every training prompt. Its time is its sampling and scoring
+    alone, as the values file records it: the rule the other methods' step times follow (process start-up, model
+    loading and the engine's start are nobody's time)."""
     shared, stage1, _ = recipe(cfg, seed)
     values = out / f"seed{seed}" / "values.parquet"
     if not values.is_file():
         values.parent.mkdir(parents=True, exist_ok=True)
         (values.parent / "values.yaml").write_text(yaml.safe_dump({**shared, "n": stage1.n, "output": str(values)}))
-        t0 = time.perf_counter()
         _run(["values", "--config", str(values.parent / "values.yaml")], values.parent / "values.log")
-        write_json_atomic(values.parent / "stage1_seconds.json", time.perf_counter() - t0)
+        write_json_atomic(values.parent / "stage1_seconds.json", read_values(values).provenance["sampling_seconds"])
     return values
 
 
@@ -195,7 +203,7 @@ def _train(cfg: BenchConfig, out: Path, runs: list[tuple[int, float, str]], scor
             train.update(values=str(_stage1(cfg, out, seed)), beta2=stage2.beta2, filter_unsolved=False)
         run.parent.mkdir(parents=True, exist_ok=True)
         (run.parent / f"{algo}.yaml").write_text(yaml.safe_dump({**shared, "train": train}))
-    for k, end in enumerate(cfg.segments):
+    for k, end in enumerate(cfg.segments if runs else []):  # one seed: no runs after the first seed's
         for seed, lr, algo in runs[k % len(runs):] + runs[: k % len(runs)]:
             bar.set_postfix(method=algo, seed=seed, lr=_lr(lr), step=end)
             key, run = _key(seed, lr, algo), _run_dir(out, seed, lr, algo)
@@ -213,15 +221,14 @@ def choose_rates(cfg: BenchConfig, scores: dict[str, Any]) -> dict[str, float]:
     """Each method's rate: the best validation accuracy after the last step at the first seed (ties: the first
     listed). Validation problems are not the reported ones, so the pick does not flatter the report."""
     last, seed = str(cfg.steps), cfg.seed_values[0]
-    return {algo: max(cfg.learning_rate_values,
-                      key=lambda lr: (scores[_key(seed, lr, algo)][last]["validation_accuracy"],
-                                      -cfg.learning_rate_values.index(lr)))
-            for algo in cfg.algo_names}
+    return {algo: max(rates, key=lambda lr: (scores[_key(seed, lr, algo)][last]["validation_accuracy"],
+                                             -rates.index(lr)))
+            for algo, rates in cfg.rates.items() if algo in cfg.algo_names}
 
 
 def _external(cfg: BenchConfig, out: Path, seed: int, name: str, scores: dict[str, Any], scorer: _Scorer) -> None:
-    """One TRL trainer's whole run at ``seed`` and the first learning rate, then its checkpoints scored."""
-    lr = cfg.learning_rate_values[0]
+    """One TRL trainer's whole run at ``seed`` and its (first) learning rate, then its checkpoints scored."""
+    lr = cfg.rates[name][0]
     key, run = _key(seed, lr, name), _run_dir(out, seed, lr, name)
     if str(cfg.steps) in scores.get(key, {}):
         return
@@ -245,35 +252,44 @@ def recipe(cfg: BenchConfig, seed: int) -> tuple[dict[str, Any], ValuesConfig, T
     and the Stage 1 and Stage 2 configs they give; each method's own settings are added in :func:`_train`."""
     shared = {k: v for k, v in load_yaml(QUICKSTART).items() if k not in SECTIONS.values()}
     shared.update(model=cfg.model, limit=cfg.train_prompts, engine=cfg.engine, seed=seed)
+    if cfg.max_new_tokens is not None:
+        shared["max_new_tokens"] = cfg.max_new_tokens
+    if cfg.engine == "vllm":  # every segment starts an engine: compiling would cost each one minutes; a step's
+        shared.update(vllm_enforce_eager=True, vllm_kv_cache_gb=1.0)  # sequences need far less than the default
     return shared, build(ValuesConfig, QUICKSTART, **shared), build(TrainConfig, QUICKSTART, **shared)
 
 
 def summarize(cfg: BenchConfig, scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     """Per method, at its chosen rate: each seed's run (step time, memory, its accuracy/KL curve against training
-    seconds, time and KL at the target accuracy) and their mean and spread; the sweep; A*-PO's verdict against
-    each baseline."""
+    seconds, time and KL at the target accuracy, time to GRPO's final accuracy) and their mean and spread; the
+    sweep; A*-PO's verdict against each baseline."""
     out, base = Path(cfg.output_dir), scores["base"]["0"]
     chosen = choose_rates(cfg, scores)
-    sweep = {algo: {_lr(lr): scores[_key(cfg.seed_values[0], lr, algo)][str(cfg.steps)]
-                    for lr in cfg.learning_rate_values} for algo in cfg.algo_names}
-    lrs = {**chosen, **{name: cfg.learning_rate_values[0] for name in cfg.external_names}}
+    sweep = {algo: {_lr(lr): scores[_key(cfg.seed_values[0], lr, algo)][str(cfg.steps)] for lr in cfg.rates[algo]}
+             for algo in cfg.algo_names}
+    lrs = {**chosen, **{name: cfg.rates[name][0] for name in cfg.external_names}}
     runs = {name: {seed: _run_figures(out, seed, lr, name, scores, base, cfg.steps, cfg.batch_size)
                    for seed in cfg.seed_values} for name, lr in lrs.items()}
     target = cfg.target_accuracy  # default: halfway to the best mean final accuracy, when some method improved
     best = max(statistics.fmean(r["accuracy"] for r in by_seed.values()) for by_seed in runs.values())
     if target is None and best > base["accuracy"]:
         target = round((base["accuracy"] + best) / 2, 3)
+    # GRPO's mean final accuracy: the paper's time comparison is the time each method takes to reach it
+    grpo_final = round(statistics.fmean(r["accuracy"] for r in runs["grpo"].values()), 4) if "grpo" in runs else None
     methods: dict[str, dict[str, Any]] = {}
     for name, by_seed in runs.items():
         for r in by_seed.values():
             r["seconds_to_target"] = _at_target(r["curve"], target, "train_seconds", r["stage1_seconds"])
             r["kl_at_target"] = _at_target(r["curve"], target, "kl_to_ref")
+            r["seconds_to_grpo_final"] = _at_target(r["curve"], grpo_final, "train_seconds", r["stage1_seconds"])
+            r["total_seconds"] = round(r["stage1_seconds"] + r["train_seconds"], 1)
         seeds = list(by_seed.values())
         m: dict[str, Any] = {"learning_rate": lrs[name], "samples_per_step": seeds[0]["samples_per_step"],
                              "seeds": {str(s): r for s, r in by_seed.items()}}
         for key in ("step_seconds", "prompt_seconds", "generation_seconds", "tokens_per_second", "peak_memory_mb",
-                    "stage1_seconds", "train_seconds", "accuracy", "validation_accuracy", "kl_to_ref",
-                    "seconds_to_target", "kl_at_target"):
+                    "stage1_seconds", "train_seconds", "train_generation_seconds", "total_seconds", "accuracy",
+                    "validation_accuracy", "kl_to_ref", "seconds_to_target", "kl_at_target",
+                    "seconds_to_grpo_final"):
             m[key], m[f"{key}_std"], m[f"{key}_n"] = _mean_std([r[key] for r in seeds])
         # the mean curve (every seed scores the same steps), for `astarpo report`
         m["curve"] = [{k: (c[0][k] if k == "step" else round(statistics.fmean(x[k] for x in c), 4))
@@ -287,12 +303,12 @@ def summarize(cfg: BenchConfig, scores: dict[str, dict[str, dict[str, float]]]) 
     used = {k: getattr(stage2, k) for k in ("model", "data", "reward", "max_new_tokens", "temperature", "top_p",
                                             "beta1", "beta2")} | {"stage1_n": stage1.n}
     return {"settings": {**asdict(cfg), "recipe": used}, "machine": machine(), "target_accuracy": target,
-            "untrained": base, "learning_rate_sweep": sweep, "methods": methods}
+            "grpo_final_accuracy": grpo_final, "untrained": base, "learning_rate_sweep": sweep, "methods": methods}
 
 
 # What the verdict compares, and whether more is better.
-VERDICT_KEYS = {"accuracy": True, "kl_at_target": False, "seconds_to_target": False, "step_seconds": False,
-                "peak_memory_mb": False}
+VERDICT_KEYS = {"accuracy": True, "kl_at_target": False, "seconds_to_target": False,
+                "seconds_to_grpo_final": False, "step_seconds": False, "peak_memory_mb": False}
 
 
 def _run_figures(out: Path, seed: int, lr: float, name: str, scores: dict[str, Any], base: dict[str, float],
@@ -313,6 +329,8 @@ def _run_figures(out: Path, seed: int, lr: float, name: str, scores: dict[str, A
     return {"samples_per_step": lines[0]["samples"], "step_seconds": round(step_seconds, 3),
             "prompt_seconds": round(step_seconds / batch_size, 3),
             "generation_seconds": _median(lines, "generation_seconds"),  # TRL's rows do not report these
+            "train_generation_seconds": round(sum(m["generation_seconds"] for m in lines), 1)
+            if all("generation_seconds" in m for m in lines) else None,
             "tokens_per_second": _median(lines, "tokens_per_second"),
             "peak_memory_mb": max(m["peak_memory_mb"] for m in lines),
             "stage1_seconds": round(json.loads(stage1.read_text()), 1) if stage1 else 0.0,
@@ -384,20 +402,29 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['untrained']['accuracy']:.1%}, validation {report['untrained']['validation_accuracy']:.1%}. "
         + (f"Target accuracy {target:.1%}. " if target is not None
            else "No method improved on the untrained model, so there is no target. ")
-        + "Figures are mean ± standard deviation over seeds.", "",
+        + (f"GRPO's final accuracy {report['grpo_final_accuracy']:.1%}. "
+           if report.get("grpo_final_accuracy") is not None else "")
+        + "Figures are mean ± standard deviation over seeds. Time is each method's step time (sampling, the "
+          "engine's weight update and the training passes) plus, for A*-PO, its Stage 1 sampling and scoring; "
+          "process start-up, model loading and engine start-up count for no method.", "",
         "| method | lr | samples/step | s/step | peak memory MB | report acc (final) | KL to ref (final) "
-        "| KL at target acc | s to target (incl. Stage 1) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| KL at target acc | s to target | s to GRPO's final acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
         lines.append(
             f"| {name} | {m['learning_rate']:g} | {m['samples_per_step']} | {_pm(m, 'step_seconds', '.2f')} | "
             f"{_pm(m, 'peak_memory_mb', '.0f')} | {_pm(m, 'accuracy', '.1f', 100)} | {_pm(m, 'kl_to_ref', '.2f')} | "
-            f"{_pm(m, 'kl_at_target', '.2f')} | {_pm(m, 'seconds_to_target', '.0f')} |")
-    stage1 = {n: m for n, m in methods.items() if m["stage1_seconds"]}
-    for name, m in stage1.items():
-        lines += ["", f"{name}'s Stage 1 took {_pm(m, 'stage1_seconds', '.0f')} s per seed (in its time to target, "
-                      "not its step time)."]
+            f"{_pm(m, 'kl_at_target', '.2f')} | {_pm(m, 'seconds_to_target', '.0f')} | "
+            f"{_pm(m, 'seconds_to_grpo_final', '.0f')} |")
+    lines += ["", "Where the time goes (seconds per seed, all steps):", "",
+              "| method | Stage 1 | Stage 2 sampling | Stage 2 training passes and weight sync | total |",
+              "|---|---|---|---|---|"]
+    for name, m in methods.items():
+        gen = m["train_generation_seconds"]
+        rest = None if gen is None else m["train_seconds"] - gen
+        lines.append(f"| {name} | {m['stage1_seconds']:.0f} | {'n/a' if gen is None else f'{gen:.0f}'} | "
+                     f"{'n/a' if rest is None else f'{rest:.0f}'} | {_pm(m, 'total_seconds', '.0f')} |")
     if "astarpo" in methods and len(methods) > 1:
         lines += ["", "A*-PO against each method (a difference counts when it exceeds twice its standard error over "
                       "seeds; n/a: a target some seed did not reach):", "",
@@ -405,14 +432,18 @@ def markdown(report: dict[str, Any]) -> str:
         for name, m in methods.items():
             if name != "astarpo":
                 lines.append(f"| {name} | " + " | ".join(m["astarpo_verdict"][k] for k in VERDICT_KEYS) + " |")
-    rates = list(next(iter(report["learning_rate_sweep"].values())))
-    lines += ["", f"Learning-rate sweep at seed {s['seeds'].split(',')[0]} (validation accuracy after the last step, "
-                  "report accuracy and KL in brackets); each method's best is its rate above:", "",
-              "| method | " + " | ".join(rates) + " |", "|---" * (len(rates) + 1) + "|"]
-    for name, by_lr in report["learning_rate_sweep"].items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{by_lr[r]['validation_accuracy']:.0%} ({by_lr[r]['accuracy']:.0%}, {by_lr[r]['kl_to_ref']:.2f})"
-            for r in rates) + " |")
+    sweep = report["learning_rate_sweep"]
+    rates = sorted({r for by_lr in sweep.values() for r in by_lr}, key=float)
+    if any(len(by_lr) > 1 for by_lr in sweep.values()):
+        lines += ["", f"Learning-rate sweep at seed {s['seeds'].split(',')[0]} (validation accuracy after the last "
+                      "step, report accuracy and KL in brackets); each method's best is its rate above:", "",
+                  "| method | " + " | ".join(rates) + " |", "|---" * (len(rates) + 1) + "|"]
+        for name, by_lr in sweep.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{by_lr[r]['validation_accuracy']:.0%} ({by_lr[r]['accuracy']:.0%}, {by_lr[r]['kl_to_ref']:.2f})"
+                if r in by_lr else "" for r in rates) + " |")
+    else:
+        lines += ["", "Learning rates as given (no sweep)."]
     external = [name for name in methods if name.startswith("trl-")]
     if external:
         lines += ["", f"{', '.join(external)}: TRL's trainers on the same prompts, reward and budget at the first "

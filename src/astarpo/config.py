@@ -380,6 +380,21 @@ class EvalConfig(CommonConfig):
         return benchmark_names(self.benchmarks or "")
 
 
+# `astarpo bench`'s presets: the settings each one sets itself.
+BENCH_PRESETS: dict[str, dict[str, Any]] = {
+    # A smoke run of a few minutes.
+    "quick": {"batch_size": 4, "steps": 2, "eval_every": 2, "train_prompts": 32, "eval_limit": 20,
+              "validation_prompts": 10, "kl_prompts": 10, "seeds": "0", "learning_rates": "1e-5"},
+    # The paper's regime at the scale of a 2-core CPU: a fixed prompt set trained for several epochs (Stage 1 is
+    # paid once and amortized over them), every method sampling with vLLM, the paper's four methods, each at the
+    # rate the default bench's sweep chose for it (no sweep: its time goes to the epochs).
+    "paper_regime": {"algos": "astarpo,grpo,ppo,rebel", "engine": "vllm", "train_prompts": 32, "batch_size": 8,
+                     "steps": 32, "eval_every": 8, "max_new_tokens": 24, "eval_limit": 320,
+                     "validation_prompts": 20, "kl_prompts": 60,
+                     "learning_rates": "astarpo=1e-5,grpo=2e-5,ppo=2e-5,rebel=1e-5"},
+}
+
+
 @dataclass
 class BenchConfig:
     """`astarpo bench`: which methods to compare and on how much work; the training recipe is the quickstart's."""
@@ -393,11 +408,13 @@ class BenchConfig:
     steps: int = field(default=12, metadata={"help": "Stage 2 steps per method and seed"})
     eval_every: int = field(default=6, metadata={"help": "steps per segment; the checkpoint is scored after each"})
     train_prompts: int = field(default=160, metadata={"help": "training prompts (A*-PO's Stage 1 runs on these)"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "response cap of every method and of scoring (default: the quickstart's)"})
     seeds: str = field(default="0,1,2", metadata={"help": "comma list of seeds: every method trains once per seed "
                                                           "(Stage 1 included), the first seed also sweeps"})
     learning_rates: str = field(default="1e-5,2e-5", metadata={
-        "help": "comma list swept per method at the first seed; each method then trains the other seeds at the one "
-                "with the best validation accuracy"})
+        "help": "comma list swept per method at the first seed (each method then trains the other seeds at the one "
+                "with the best validation accuracy), or method=rate for every method: those rates, no sweep"})
     eval_limit: int | None = field(default=None, metadata={
         "help": "held-out problems scored (default: all): the training set's problems after the first "
                 "train_prompts, then the recipe's test split"})
@@ -411,34 +428,38 @@ class BenchConfig:
     output_dir: str = "runs/bench"
     json: str | None = field(default=None, metadata={"help": "also write the raw figures here"})
     engine: str = field(default="hf", metadata={"help": "generation engine of Stage 1 and of every method's "
-                                                        "Stage 2: hf | vllm (checkpoints are scored with hf)"})
+                                                        "Stage 2, and of scoring's greedy responses: hf | vllm"})
     quick: bool = field(default=False, metadata={"help": "a few minutes: one seed, one learning rate, 2 steps of 4 "
                                                          "prompts, 32 training and 20 held-out prompts"})
+    paper_regime: bool = field(default=False, metadata={
+        "help": "the paper's regime at CPU scale: 32 prompts for 8 epochs, responses up to 24 tokens, A*-PO, GRPO, "
+                "PPO and REBEL sampling with vLLM, each at its rate from the default bench's sweep"})
 
     def __post_init__(self) -> None:
-        sizes = {"batch_size": 4, "steps": 2, "eval_every": 2, "train_prompts": 32, "eval_limit": 20,
-                 "validation_prompts": 10, "kl_prompts": 10, "seeds": "0", "learning_rates": "1e-5"}
-        if self.quick:
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            changed = [n for n in sizes if getattr(self, n) != defaults[n]]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        presets = [name for name in BENCH_PRESETS if getattr(self, name)]
+        if len(presets) > 1:
+            raise ConfigError(f"choose one of {', '.join(presets)}")
+        for preset in presets:
+            changed = [n for n in BENCH_PRESETS[preset] if getattr(self, n) != defaults[n]]
             if changed:
-                raise ConfigError(f"quick sets {', '.join(changed)} itself; drop quick or those settings")
-            for name, value in sizes.items():
+                raise ConfigError(f"{preset} sets {', '.join(changed)} itself; drop {preset} or those settings")
+            for name, value in BENCH_PRESETS[preset].items():
                 setattr(self, name, value)
         for name in ("batch_size", "steps", "eval_every", "train_prompts", "validation_prompts", "kl_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.eval_limit is not None and self.eval_limit <= self.validation_prompts:
             raise ConfigError(f"eval_limit ({self.eval_limit}) must exceed validation_prompts "
                               f"({self.validation_prompts}): the problems after them report accuracy")
         try:
-            seeds, rates = self.seed_values, self.learning_rate_values
+            seeds = self.seed_values
         except ValueError as e:
-            raise ConfigError(f"seeds are integers and learning_rates numbers: {e}") from e
+            raise ConfigError(f"seeds are integers: {e}") from e
         if not seeds or len(set(seeds)) < len(seeds):
             raise ConfigError(f"seeds must list each seed once, got {self.seeds!r}")
-        if not rates or len(set(rates)) < len(rates) or min(rates) <= 0:
-            raise ConfigError(f"learning_rates must list distinct positive rates, got {self.learning_rates!r}")
         _choice("engine", self.engine, ("hf", "vllm"))
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ConfigError(VLLM_MISSING)
@@ -450,16 +471,42 @@ class BenchConfig:
             raise ConfigError("external TRL rows need trl: pip install 'astarpo[trl]'")
         if not self.algo_names or len(set(self.algo_names)) < len(self.algo_names):
             raise ConfigError(f"algos must list each method once, got {self.algos!r}")
+        _ = self.rates  # a bad learning_rates raises here
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
 
     @property
-    def seed_values(self) -> list[int]:
-        return [int(s) for s in _comma_list(self.seeds)]
+    def rates(self) -> dict[str, list[float]]:
+        """Each method's (and TRL row's) learning rates: the swept list, or the one rate ``method=rate`` gives it.
+        A TRL row is not swept: it takes the first rate of the list."""
+        names, items = self.algo_names + self.external_names, _comma_list(self.learning_rates)
+        try:
+            if all("=" in x for x in items):
+                given = {k.strip(): float(v) for k, _, v in (x.partition("=") for x in items)}
+                if sorted(given) != sorted(names) or len(given) < len(items):
+                    raise ConfigError(f"learning_rates as method=rate must name each method once ({', '.join(names)}),"
+                                      f" got {self.learning_rates!r}")
+                rates = {k: [given[k]] for k in names}
+            else:
+                swept = [float(x) for x in items]
+                if not swept or len(set(swept)) < len(swept):
+                    raise ValueError("list distinct rates")
+                rates = {k: swept if k in self.algo_names else swept[:1] for k in names}
+            if min(min(r) for r in rates.values()) <= 0:
+                raise ValueError("a rate is not positive")
+        except ValueError as e:
+            raise ConfigError(f"learning_rates must be a comma list of distinct positive rates, or method=rate for "
+                              f"every method; got {self.learning_rates!r} ({e})") from e
+        return rates
 
     @property
-    def learning_rate_values(self) -> list[float]:
-        return [float(x) for x in _comma_list(self.learning_rates)]
+    def swept(self) -> bool:
+        """Whether some method trains at several rates (at the first seed)."""
+        return any(len(r) > 1 for r in self.rates.values())
+
+    @property
+    def seed_values(self) -> list[int]:
+        return [int(s) for s in _comma_list(self.seeds)]
 
     @property
     def algo_names(self) -> list[str]:

@@ -104,13 +104,14 @@ def _duration(seconds: float) -> str:
 
 
 def _stage1_seconds(values: Path, run: Path) -> float | None:
-    """Stage 1 time from the values file's provenance, if the file is where the run's config says."""
+    """Stage 1's sampling and scoring time from the values file's provenance (the rule Stage 2's summed step times
+    follow: start-up and loading excluded), if the file is where the run's config says."""
     import pyarrow.parquet as pq
 
     for path in (values, run.parent / values.name):  # as given (relative to where training ran), or beside the run
         if path.is_file():
             meta = pq.read_schema(path).metadata or {}
-            return json.loads(meta.get(b"astarpo", b"{}")).get("seconds")
+            return json.loads(meta.get(b"astarpo", b"{}")).get("sampling_seconds")
     return None
 
 
@@ -202,7 +203,7 @@ def markdown(rows: list[Row], sources: list[str], plots: list[str]) -> str:
     head += ["held-out acc", "KL to ref", "Stage 1 (h)", "Stage 2 (h)", "s/step", "steps", "peak memory (GB)"]
     intro = ("Accuracies in percent (greedy pass@1; avg@k over k samples at the eval temperature). KL to ref: "
              "measured on sampled responses by `astarpo eval` or `astarpo bench` where given, else the last training "
-             "step's estimate. Hours are summed step times (Stage 2) and the values file's recorded time (Stage 1).")
+             "step's estimate. Hours are summed step times (Stage 2) and the values file's sampling time (Stage 1).")
     lines = ["# astarpo report", "", intro, "",
              "Read from:", "", *[f"- {line}" for line in sources], "",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]

@@ -49,6 +49,9 @@ from .utils import cpu_processes
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _META_KEY = b"astarpo"
+# A shard's seconds of sampling and scoring (the engine's start-up and the model's loading excluded): their sum is
+# the values file's ``sampling_seconds``, Stage 1's cost as `astarpo bench` counts it, also across a resume.
+_SECONDS_KEY = "astarpo_sampling_seconds"
 # Settings that change what is sampled; a resumed run or a training run must agree on them.
 SAMPLING_KEYS = ("reference_model_hash", "reference_tokenizer_hash", "reward", "temperature", "top_p",
                  "max_new_tokens", "use_chat_template", "prompt_template", "sampler")
@@ -197,7 +200,7 @@ def _check_finished(out: Path, provenance: dict[str, Any]) -> None:
     run's file would otherwise be taken for this one's."""
     old = read_values(out).provenance
     diff = diff_settings(old, provenance, ignore=("astarpo_version", "created_at", "prompts", "skipped", "seconds",
-                                                    "samples"))
+                                                    "sampling_seconds", "samples"))
     if diff:
         raise ValuesError(f"{out} exists and was made with other settings ({diff}); "
                           "choose another --output or delete it")
@@ -248,9 +251,11 @@ def _sample_missing_shards(cfg: ValuesConfig, model_dir: Path, tokenizer: Any, r
               unit="sample", desc="stage 1", dynamic_ncols=True, disable=not state.is_main_process) as bar:
         for k in todo:
             lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(records))
+            t0 = time.perf_counter()
             table, drawn = _sample_shard(cfg, sampler, records[lo:hi], prompt_ids[lo:hi], reward_name,
                                          reward_fn, shard_seed(cfg.seed, k), bar.update)
-            _write_atomic(table, _shard_path(shards_dir, k))
+            seconds = json.dumps(time.perf_counter() - t0).encode()
+            _write_atomic(table.replace_schema_metadata({_SECONDS_KEY: seconds}), _shard_path(shards_dir, k))
             bar.update((hi - lo) * per_prompt - drawn)  # an adaptive shard stops short of n_max
 
 
@@ -258,12 +263,15 @@ def _merge_shards(shards_dir: Path, n_shards: int, n_records: int, provenance: d
                   out: Path) -> None:
     """Write the shards' rows, in prompt order, as the values file with the completed provenance (counts, time
     since ``start``), then delete the shards. Rank 0 only."""
-    table = pa.concat_tables([pq.read_table(_shard_path(shards_dir, k)) for k in range(n_shards)])
+    shards = [pq.read_table(_shard_path(shards_dir, k)) for k in range(n_shards)]
+    sampling = sum(json.loads(t.schema.metadata[_SECONDS_KEY.encode()]) for t in shards)
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in shards])
     skipped = n_records - table.num_rows
     rows = table.column("rewards").to_pylist()
     samples = sum(len(r) for r in rows)
     provenance.update(prompts=table.num_rows, skipped=skipped, samples=samples,
-                      seconds=round(time.perf_counter() - start, 2), created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                      seconds=round(time.perf_counter() - start, 2), sampling_seconds=round(sampling, 2),
+                      created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     table = table.replace_schema_metadata({_META_KEY: json.dumps(provenance).encode()})
     _write_atomic(table, out)
     shutil.rmtree(shards_dir)

