@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from astarpo import cost
 from astarpo.cli import main
 from astarpo.models import add_lora, load_model
 from astarpo.plan import QWEN25, Shape, measure, plan, shape_of
@@ -50,12 +53,14 @@ def test_formula_within_20_percent_of_measured(checkpointing):
         assert abs(want[key] / got[key] - 1) < 0.2, (key, want[key], got[key])
 
 
-def test_cli_table_and_json(capsys):
+def test_cli_table_and_json(capsys, tmp_path):
     assert main(["plan", "--model", "qwen2.5-7b", "--gpus", "8", "--micro-batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "| peak |" in out and "| ddp | fsdp2 | zero2 | zero3 |" in out
-    assert main(["plan", "--model", "qwen2.5-1.5b", "--strategy", "zero3", "--lora-rank", "64", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--strategy", "zero3", "--lora-rank", "64",
+                 "--json", str(tmp_path / "plan.json")]) == 0
+    assert "| zero3 |" in capsys.readouterr().out  # the table still prints; the raw bytes go to the file
+    result = json.loads((tmp_path / "plan.json").read_text())
     assert set(result) == {"shape", "zero3"} and result["zero3"]["reference"] == 0
     assert result["zero3"]["trainable"] == QWEN25["qwen2.5-1.5b"].lora_params(64)
     assert main(["plan", "--model", "no-such-model"]) == 2
@@ -87,16 +92,102 @@ def test_the_hybrid_engine_is_counted_beside_the_trainer():
     assert asleep["peak"] == states + max(asleep["micro_batch"], asleep["optimizer_step"], engine)
     assert awake["peak"] == states + engine + max(awake["micro_batch"], awake["optimizer_step"])
     assert "engine_weights" not in plan(s, 4, "fsdp2")  # HF generate: the policy samples itself
-    out = json.loads(_cli_json(["plan", "--model", "qwen2.5-1.5b", "--gpus", "4", "--strategy", "fsdp2",
-                                "--engine", "vllm", "--no-sleep-mode", "--json"]))
+    out = _cli_json(["plan", "--model", "qwen2.5-1.5b", "--gpus", "4", "--strategy", "fsdp2", "--engine", "vllm",
+                     "--no-sleep-mode"])
     assert out["fsdp2"]["peak"] == awake["peak"]
 
 
-def _cli_json(argv: list[str]) -> str:
+def _cli_json(argv: list[str]) -> dict:
+    """Run ``astarpo`` with ``--json`` to a temporary file (the table to a discarded stdout); the file's JSON."""
     import contextlib
     import io
+    import tempfile
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(argv) == 0
-    return buf.getvalue()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        path = Path(tmp) / "out.json"
+        assert main([*argv, "--json", str(path)]) == 0
+        return json.loads(path.read_text())
+
+
+# ----- `astarpo plan --time`: hours per method ------------------------------------------------------------------
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+H100 = cost.gpu("h100")
+QWEN15 = QWEN25["qwen2.5-1.5b"]
+
+
+def test_time_json_has_every_method_with_its_breakdown_and_the_assumptions():
+    out = _cli_json(["plan", "--model", "qwen2.5-1.5b", "--gpus", "4", "--time"])
+    assert set(out) == {"methods", "assumptions"}
+    assert {"astarpo", "grpo", "ppo", "rebel"} <= set(out["methods"])
+    for m in out["methods"].values():
+        parts = m["stage1_hours"] + m["generation_hours"] + m["training_hours"]
+        assert m["hours"] == pytest.approx(parts) and m["training_hours"] == pytest.approx(
+            sum(m["training_hours_by_pass"].values()))
+        assert m["steps"] == 25 * (7500 // 256)  # configs/paper: 725 steps
+    a = out["assumptions"]
+    assert a["recipe"]["gpus"] == 4 and "989" in a["sources"]["peak_flops"] and "3.35" in a["sources"]["peak_bandwidth"]
+    assert out["methods"]["grpo"]["group_size"] == 8 and out["methods"]["rebel"]["group_size"] == 2
+
+
+def test_stage2_hours_scale_linearly_with_epochs_and_prompts():
+    base = cost.Recipe(prompts=4 * 256, epochs=2)
+    one, twice = cost.hours(QWEN15, H100, base), cost.hours(QWEN15, H100, replace(base, epochs=4))
+    more = cost.hours(QWEN15, H100, replace(base, prompts=8 * 256))
+    for algo in cost.METHODS:
+        stage2 = one[algo]["hours"] - one[algo]["stage1_hours"]
+        assert twice[algo]["hours"] - twice[algo]["stage1_hours"] == pytest.approx(2 * stage2)
+        assert more[algo]["hours"] - more[algo]["stage1_hours"] == pytest.approx(2 * stage2)
+        assert more[algo]["stage1_hours"] == pytest.approx(2 * one[algo]["stage1_hours"])  # 0 but for A*-PO
+
+
+def test_astarpo_stage1_is_counted_once_and_only_for_astarpo():
+    short, long = (cost.hours(QWEN15, H100, cost.Recipe(epochs=e)) for e in (1, 10))
+    assert short["astarpo"]["stage1_hours"] > 0
+    assert long["astarpo"]["stage1_hours"] == short["astarpo"]["stage1_hours"]
+    assert all(short[algo]["stage1_hours"] == 0 for algo in cost.METHODS if algo != "astarpo")
+    n16 = cost.hours(QWEN15, H100, cost.Recipe(epochs=1, stage1_n=16))
+    assert n16["astarpo"]["stage1_hours"] > 1.5 * short["astarpo"]["stage1_hours"]
+    assert n16["astarpo"]["generation_hours"] == short["astarpo"]["generation_hours"]
+
+
+def test_method_ordering_follows_the_work_each_method_does():
+    """At the paper's recipe: A*-PO (one sample, a reference forward) is cheapest in Stage 2; PPO pays a critic over
+    A*-PO's work; more samples per prompt cost more (GRPO > RLOO > REBEL); a KL term adds a reference pass."""
+    for model in QWEN25:
+        h = cost.hours(QWEN25[model], H100, cost.Recipe())
+        stage2 = {a: m["hours"] - m["stage1_hours"] for a, m in h.items()}
+        assert min(stage2, key=stage2.get) == "astarpo"
+        assert h["astarpo"]["hours"] < h["ppo"]["hours"] < h["rloo"]["hours"] < h["grpo"]["hours"]
+        assert h["rebel"]["hours"] < h["rloo"]["hours"]
+        assert h["ppo"]["training_hours_by_pass"]["critic"] > 0 == h["grpo"]["training_hours_by_pass"]["critic"]
+    kl = cost.hours(QWEN15, H100, cost.Recipe(kl_coefs={"grpo": 1e-3}))["grpo"]
+    assert kl["training_hours_by_pass"]["reference"] > 0
+    four = cost.hours(QWEN15, H100, cost.Recipe(group_sizes={"grpo": 4}))["grpo"]
+    assert four["hours"] < cost.hours(QWEN15, H100, cost.Recipe())["grpo"]["hours"]
+
+
+@pytest.mark.parametrize("flags", [["--gpus", "0"], ["--epochs", "0"], ["--prompts", "100"], ["--batch", "64"],
+                                   ["--response-tokens", "0"], ["--group-size", "astarpo=4"],
+                                   ["--group-size", "grpo=1"], ["--group-size", "grpo"], ["--kl-coef", "rebel=0.1"],
+                                   ["--device", "cpu", "--mfu", "0.5"], ["--mfu", "2"]])
+def test_time_refuses_bad_input(flags, capsys):
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--time", *flags]) == 2
+    assert "astarpo: error:" in capsys.readouterr().err
+
+
+def test_cpu_rates_are_the_committed_bench_fit_and_predict_what_it_did_not_see():
+    """`--device cpu`'s rates are fit_cpu(bench.json) (A*-PO's step, A*-PO's and GRPO's sampling); every other
+    committed CPU figure (the other methods' steps, Stage 1, vllm_sampling.json's HF runs) is predicted within
+    the factor stated in the README."""
+    bench = json.loads((RESULTS / "bench" / "bench.json").read_text())
+    sampling = json.loads((RESULTS / "vllm_sampling.json").read_text())
+    fitted = cost.fit_cpu(bench)
+    for rate in ("dense_flops", "decode_flops", "bandwidth"):
+        assert getattr(cost.CPU, rate) == pytest.approx(getattr(fitted, rate), rel=0.01), rate
+    rows = cost.cpu_check(bench, sampling)
+    held_out = [r for r in rows if not r["fit"]]
+    assert len(held_out) >= 8 and any("Stage 1" in r["figure"] for r in held_out)
+    for r in rows:
+        assert 1 / 1.5 < r["ratio"] < 1.5, r
+    out = _cli_json(["plan", "--model", "smollm2-135m-instruct", "--gpus", "1", "--time", "--device", "cpu"])
+    assert out["assumptions"]["device"] == "cpu"

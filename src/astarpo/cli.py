@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--output-dir", default="runs/report", help="where report.md and the PNGs go")
     from .plan import add_arguments as plan_arguments
 
-    plan_arguments(sub.add_parser("plan", help="per-GPU memory of Stage 2 by component: DDP, FSDP2, ZeRO-2/3, LoRA"))
+    plan_arguments(sub.add_parser("plan", help="per-GPU memory of Stage 2 by component (DDP, FSDP2, ZeRO-2/3, "
+                                                "LoRA), or with --time hours per method"))
     return p
 
 

@@ -1,4 +1,5 @@
-"""`astarpo plan`: per-GPU memory of Stage 2 on paper, by component, for DDP, FSDP2, ZeRO-2, ZeRO-3 and LoRA.
+"""`astarpo plan`: per-GPU memory of Stage 2 on paper, by component, for DDP, FSDP2, ZeRO-2, ZeRO-3 and LoRA
+(``--time``: hours per method, in :mod:`astarpo.cost`).
 
 The formula counts what a training process holds at its peak (bytes per GPU):
 
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
 from .logprobs import LOGITS_CHUNK
 
 GIB = 2**30
@@ -77,16 +79,20 @@ QWEN25 = {
     "qwen2.5-3b": Shape(2048, 36, 16, 2, 11008, 151936, tied=True, qkv_bias=True),
     "qwen2.5-7b": Shape(3584, 28, 28, 4, 18944, 152064, tied=False, qkv_bias=True),
 }
+# SmolLM2-135M(-Instruct), astarpo's built-in CPU model (HuggingFaceTB/SmolLM2-135M config.json: 134.5M).
+SMOLLM2_135M = Shape(576, 30, 9, 3, 1536, 49152, tied=True)
+SHAPES = {**QWEN25, "smollm2-135m": SMOLLM2_135M}
 
 
 def shape_of(model: str) -> Shape:
-    """A hard-coded Qwen2.5 shape (``qwen2.5-7b``, ``Qwen/Qwen2.5-7B-Instruct``) or a local HF directory's config."""
+    """A hard-coded shape (``qwen2.5-7b``, ``Qwen/Qwen2.5-7B-Instruct``, ``smollm2-135m-instruct``) or a local HF
+    directory's config."""
     key = model.lower().split("/")[-1].removesuffix("-instruct")
-    if key in QWEN25:
-        return QWEN25[key]
+    if key in SHAPES:
+        return SHAPES[key]
     path = Path(model) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{model}: not one of {', '.join(QWEN25)} nor a directory with a config.json")
+        raise FileNotFoundError(f"{model}: not one of {', '.join(SHAPES)} nor a directory with a config.json")
     c = json.loads(path.read_text())
     c = c.get("text_config", c)
     return Shape(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
@@ -205,8 +211,9 @@ def table(model: str, gpus: int, strategies: tuple[str, ...] = STRATEGIES, **kw)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``astarpo plan``."""
-    p.add_argument("--model", required=True, help="qwen2.5-1.5b|3b|7b (or their hub ids) or a local HF directory")
+    """The flags of ``astarpo plan``: memory per GPU, or with ``--time`` hours per method."""
+    p.add_argument("--model", required=True,
+                   help="qwen2.5-1.5b|3b|7b, smollm2-135m (or their hub ids) or a local HF directory")
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--strategy", choices=STRATEGIES, action="append", help="repeat for several (default: all)")
     p.add_argument("--lora-rank", type=int, default=0)
@@ -224,20 +231,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="vllm: the engine's weights and KV cache (astarpo train's vllm_dtype, default its dtype)")
     p.add_argument("--no-sleep-mode", dest="sleep_mode", action="store_false",
                    help="vllm: the engine keeps its weights and KV cache through the update")
-    p.add_argument("--json", action="store_true", help="bytes per component as JSON instead of a table")
+    p.add_argument("--json", metavar="FILE", help="also write the figures (bytes, or hours and assumptions) as JSON")
+    t = p.add_argument_group("--time: hours per method (defaults: the paper's MATH recipe, configs/paper)")
+    t.add_argument("--time", action="store_true", help="hours of a training recipe per method instead of memory")
+    t.add_argument("--prompts", type=int, default=7500, help="training prompts (MATH train: 7,500)")
+    t.add_argument("--epochs", type=float, default=25)
+    t.add_argument("--mini-batch", type=int, default=128, help="prompts per optimizer update")
+    t.add_argument("--n", type=int, default=8, help="A*-PO's Stage 1 samples per prompt")
+    t.add_argument("--group-size", action="append", metavar="METHOD=G", help="e.g. grpo=4 (repeat for several)")
+    t.add_argument("--kl-coef", action="append", metavar="METHOD=BETA",
+                   help="e.g. grpo=0.001: a KL term adds the reference forward (repeat for several)")
+    t.add_argument("--device", choices=("h100", "h200", "cpu"), default="h100",
+                   help="cpu: rates fitted to the committed CPU bench (SmolLM2-135M, float32)")
+    t.add_argument("--mfu", type=float, help="GPU training FLOP utilisation (default 0.4)")
+    t.add_argument("--decode-efficiency", type=float, help="GPU share of peak bandwidth/FLOPs decoding (default 0.5)")
+
+
+def _pairs(values: list[str] | None, cast: type, flag: str) -> dict[str, Any]:
+    out = {}
+    for v in values or []:
+        algo, sep, x = v.partition("=")
+        try:
+            out[algo.strip()] = cast(x)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"{flag} {v!r}: expected METHOD=VALUE, e.g. grpo=4")
+    return out
 
 
 def run(a: argparse.Namespace) -> str:
-    """The table (or JSON) for parsed ``astarpo plan`` flags."""
-    kw = dict(micro_batch=a.micro_batch, prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens,
-              gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, batch=a.batch,
-              generation_batch=a.generation_batch, gather_for_generation=a.gather_for_generation, engine=a.engine,
-              engine_bytes=2 if a.engine_dtype == "bfloat16" else 4, sleep_mode=a.sleep_mode)
-    strategies = tuple(a.strategy or STRATEGIES)
-    if not a.json:
-        return table(a.model, a.gpus, strategies, **kw)
-    s = shape_of(a.model)
-    return json.dumps({"shape": asdict(s), **{st: plan(s, a.gpus, st, **kw) for st in strategies}}, indent=1) + "\n"
+    """The table for parsed ``astarpo plan`` flags; with ``--json FILE`` the raw figures go to FILE as well."""
+    if a.gpus < 1:
+        raise ConfigError(f"gpus must be >= 1, got {a.gpus}")
+    if a.time:
+        from . import cost
+
+        for name in ("mfu", "decode_efficiency"):
+            value = getattr(a, name)
+            if value is not None and (a.device == "cpu" or not 0 < value <= 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1] and is for a GPU device")
+        device = cost.CPU if a.device == "cpu" else cost.gpu(a.device, a.mfu or cost.TRAIN_MFU,
+                                                                 a.decode_efficiency or cost.DECODE_EFFICIENCY)
+        recipe = cost.Recipe(gpus=a.gpus, prompts=a.prompts, epochs=a.epochs, batch=a.batch,
+                             mini_batch=a.mini_batch, prompt_tokens=a.prompt_tokens,
+                             response_tokens=a.response_tokens, stage1_n=a.n, generation_batch=a.generation_batch,
+                             gradient_checkpointing=a.gradient_checkpointing,
+                             group_sizes=_pairs(a.group_size, int, "--group-size"),
+                             kl_coefs=_pairs(a.kl_coef, float, "--kl-coef"))
+        s = shape_of(a.model)
+        out = {"methods": cost.hours(s, device, recipe), "assumptions": cost.assumptions(s, device, recipe)}
+        text = cost.table(a.model, s, device, recipe)
+    else:
+        kw = dict(micro_batch=a.micro_batch, prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens,
+                  gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, batch=a.batch,
+                  generation_batch=a.generation_batch, gather_for_generation=a.gather_for_generation,
+                  engine=a.engine, engine_bytes=2 if a.engine_dtype == "bfloat16" else 4, sleep_mode=a.sleep_mode)
+        strategies = tuple(a.strategy or STRATEGIES)
+        text = table(a.model, a.gpus, strategies, **kw)
+        s = shape_of(a.model)
+        out = {"shape": asdict(s), **{st: plan(s, a.gpus, st, **kw) for st in strategies}}
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    return text
 
 
 # ----- measured on this machine ------------------------------------------------------------------------------
