@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             print(report(args["paths"], args["output_dir"]))
             return 0
         if command == "plan":
-            from .plan import run
+            from . import cost, plan
 
-            print(run(argparse.Namespace(**args)), end="")
+            print((cost.run if args["time"] else plan.run)(argparse.Namespace(**args)), end="")
             return 0
         if command == "quickstart":
             from .quickstart import quickstart

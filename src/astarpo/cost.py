@@ -21,13 +21,14 @@ to the committed CPU bench (:func:`fit_cpu`) and checked on runs the fit did not
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import ConfigError
 from .objectives import OBJECTIVES
-from .plan import SMOLLM2_135M, Shape
+from .plan import SMOLLM2_135M, Shape, shape_of, write_json
 
 METHODS = tuple(OBJECTIVES)  # astarpo, grpo, rloo, rebel, ppo
 PASSES = ("policy", "reference", "old_policy", "critic")
@@ -206,6 +207,37 @@ def assumptions(s: Shape, d: Device, r: Recipe) -> dict[str, Any]:
                         "optimizer step, weight pushes, reward scoring and communication not counted; GPUs split "
                         "every step evenly",
             "passes": {algo: passes(algo, r) for algo in METHODS}}
+
+
+def _pairs(values: list[str] | None, cast: type, flag: str) -> dict[str, Any]:
+    out = {}
+    for v in values or []:
+        algo, sep, x = v.partition("=")
+        try:
+            out[algo.strip()] = cast(x)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"{flag} {v!r}: expected METHOD=VALUE, e.g. grpo=4")
+    return out
+
+
+def run(a: argparse.Namespace) -> str:
+    """The hours table for parsed ``astarpo plan --time`` flags (:func:`astarpo.plan.add_arguments`); with
+    ``--json FILE`` the hours and every assumption go to FILE as well."""
+    for name in ("mfu", "decode_efficiency"):
+        value = getattr(a, name)
+        if value is not None and (a.device == "cpu" or not 0 < value <= 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1] and is for a GPU device")
+    device = CPU if a.device == "cpu" else gpu(a.device, a.mfu or TRAIN_MFU, a.decode_efficiency or DECODE_EFFICIENCY)
+    recipe = Recipe(gpus=a.gpus, prompts=a.prompts, epochs=a.epochs, batch=a.batch, mini_batch=a.mini_batch,
+                    prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens, stage1_n=a.n,
+                    generation_batch=a.generation_batch, gradient_checkpointing=a.gradient_checkpointing,
+                    group_sizes=_pairs(a.group_size, int, "--group-size"),
+                    kl_coefs=_pairs(a.kl_coef, float, "--kl-coef"))
+    s = shape_of(a.model)
+    write_json(a.json, {"methods": hours(s, device, recipe), "assumptions": assumptions(s, device, recipe)})
+    return table(a.model, s, device, recipe)
 
 
 def table(model: str, s: Shape, d: Device, r: Recipe) -> str:

@@ -247,53 +247,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--decode-efficiency", type=float, help="GPU share of peak bandwidth/FLOPs decoding (default 0.5)")
 
 
-def _pairs(values: list[str] | None, cast: type, flag: str) -> dict[str, Any]:
-    out = {}
-    for v in values or []:
-        algo, sep, x = v.partition("=")
-        try:
-            out[algo.strip()] = cast(x)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ConfigError(f"{flag} {v!r}: expected METHOD=VALUE, e.g. grpo=4")
-    return out
+def write_json(path: str | None, figures: dict[str, Any]) -> None:
+    """``--json FILE``: the raw figures beside the printed table (as ``astarpo bench --json FILE``)."""
+    if path:
+        Path(path).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 def run(a: argparse.Namespace) -> str:
-    """The table for parsed ``astarpo plan`` flags; with ``--json FILE`` the raw figures go to FILE as well."""
+    """The memory table for parsed ``astarpo plan`` flags (``--time``: :func:`astarpo.cost.run`)."""
     if a.gpus < 1:
         raise ConfigError(f"gpus must be >= 1, got {a.gpus}")
-    if a.time:
-        from . import cost
-
-        for name in ("mfu", "decode_efficiency"):
-            value = getattr(a, name)
-            if value is not None and (a.device == "cpu" or not 0 < value <= 1):
-                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1] and is for a GPU device")
-        device = cost.CPU if a.device == "cpu" else cost.gpu(a.device, a.mfu or cost.TRAIN_MFU,
-                                                                 a.decode_efficiency or cost.DECODE_EFFICIENCY)
-        recipe = cost.Recipe(gpus=a.gpus, prompts=a.prompts, epochs=a.epochs, batch=a.batch,
-                             mini_batch=a.mini_batch, prompt_tokens=a.prompt_tokens,
-                             response_tokens=a.response_tokens, stage1_n=a.n, generation_batch=a.generation_batch,
-                             gradient_checkpointing=a.gradient_checkpointing,
-                             group_sizes=_pairs(a.group_size, int, "--group-size"),
-                             kl_coefs=_pairs(a.kl_coef, float, "--kl-coef"))
-        s = shape_of(a.model)
-        out = {"methods": cost.hours(s, device, recipe), "assumptions": cost.assumptions(s, device, recipe)}
-        text = cost.table(a.model, s, device, recipe)
-    else:
-        kw = dict(micro_batch=a.micro_batch, prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens,
-                  gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, batch=a.batch,
-                  generation_batch=a.generation_batch, gather_for_generation=a.gather_for_generation,
-                  engine=a.engine, engine_bytes=2 if a.engine_dtype == "bfloat16" else 4, sleep_mode=a.sleep_mode)
-        strategies = tuple(a.strategy or STRATEGIES)
-        text = table(a.model, a.gpus, strategies, **kw)
-        s = shape_of(a.model)
-        out = {"shape": asdict(s), **{st: plan(s, a.gpus, st, **kw) for st in strategies}}
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
-    return text
+    kw = dict(micro_batch=a.micro_batch, prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens,
+              gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, batch=a.batch,
+              generation_batch=a.generation_batch, gather_for_generation=a.gather_for_generation, engine=a.engine,
+              engine_bytes=2 if a.engine_dtype == "bfloat16" else 4, sleep_mode=a.sleep_mode)
+    strategies = tuple(a.strategy or STRATEGIES)
+    s = shape_of(a.model)
+    write_json(a.json, {"shape": asdict(s), **{st: plan(s, a.gpus, st, **kw) for st in strategies}})
+    return table(a.model, a.gpus, strategies, **kw)
 
 
 # ----- measured on this machine ------------------------------------------------------------------------------
