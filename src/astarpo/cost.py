@@ -247,7 +247,7 @@ def table(model: str, s: Shape, d: Device, r: Recipe) -> str:
             f"{r.epochs:g} epochs, batch {r.batch} (mini-batch {r.mini_batch}), {r.prompt_tokens} + "
             f"{r.response_tokens} tokens, Stage 1 N {r.stage1_n}; hours\n\n")
     lines = ["| method | samples/prompt | hours | Stage 1 | sampling | policy | reference | old policy | critic |"
-             " decode tok/s/GPU |", "|---" * 10 + "|"]
+             " decode tok/s per device |", "|---" * 10 + "|"]
     for algo, m in rows.items():
         t = m["training_hours_by_pass"]
         lines.append(f"| {algo} | {m['group_size']} | {m['hours']:.2f} | {m['stage1_hours']:.2f} | "
