@@ -238,6 +238,8 @@ def test_a_new_objective_needs_no_change_to_the_loop(tiny_model, tmp_path, monke
     ({"algo": "rebel", "group_size": 4}, "group_size does not apply to algo rebel \\(its own settings: rebel_eta\\)"),
     ({"algo": "rebel", "rebel_eta": 0}, "rebel_eta must be a positive number"),
     ({"algo": "ppo", "kl_coef": -1}, "kl_coef must be a number >= 0"),
+    ({"algo": "grpo", "entropy_coef": -1e-3}, "entropy_coef must be a number >= 0"),
+    ({"algo": "astarpo", "weight_decay": float("nan")}, "weight_decay must be a number >= 0"),
     ({"algo": "grpo", "beta2": 0.01}, "beta2 does not apply to algo grpo \\(its own settings: clip_eps, group_size, "
                                       "kl_coef, tis_cap\\)"),
     ({"algo": "astarpo", "kl_coef": 0.1}, "kl_coef does not apply to algo astarpo \\(its own settings: beta1, beta2, "

@@ -9,6 +9,7 @@ import pytest
 
 from astarpo.benchmarks import BENCHMARKS, load_benchmark
 from astarpo.cli import main
+from astarpo.config import EvalConfig, build
 
 DATA = Path(os.environ.get("ASTARPO_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 pytestmark = pytest.mark.skipif(not (DATA / "gsm8k" / "test.jsonl").is_file(), reason=f"no benchmark data in {DATA}")
@@ -110,10 +111,40 @@ def test_benchmark_k_samples_one_benchmark_k_times(tiny_model, tmp_path):
     assert amc["k"] == 3 and {"avg_at_k", "pass_at_k"} <= set(amc)
     assert gsm["k"] == 1 and "avg_at_k" not in gsm and result["settings"]["benchmark_k"] == "amc23=3"
     lines = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("|")]
-    assert lines[0] == "| benchmark | prompts | pass@1 (%) | avg@3 (%) | pass@3 (%) | response tokens |"
+    assert lines[0] == ("| benchmark | prompts | pass@1 (%) | avg@3 (%) | pass@3 (%) | reported (%) "
+                        "| response tokens |")
     assert lines[2].startswith("| gsm8k | 2 | ") and lines[2].split(" | ")[3:5] == ["-", "-"]
     assert lines[3].split(" | ")[3] == f"{100 * amc['avg_at_k']:.1f}"
     assert lines[4].split(" | ")[3] == f"{100 * amc['avg_at_k']:.1f}"  # the Average over the rows that have it
+    # the paper's Average: gsm8k's pass@1 beside amc23's avg@3, not amc23's greedy answer
+    assert result["average"] == pytest.approx((gsm["accuracy"] + amc["avg_at_k"]) / 2)
+    assert [line.split(" | ")[5] for line in lines[2:]] == [
+        f"{100 * x:.1f}" for x in (gsm["accuracy"], amc["avg_at_k"], result["average"])]
+
+
+def test_a_benchmark_prompt_template_asks_every_benchmark_with_the_training_instruction(tiny_model, tmp_path):
+    """The paper's recipes evaluate with the instruction they train with: eval's own prompt_template replaces
+    each benchmark's; the top-level one (the training prompt set's) does not reach eval with benchmarks."""
+    template = "{prompt} Let's think step by step and output the final answer within \\boxed{}."
+    problems = [r["prompt"] for r in load_benchmark("math500", DATA, limit=2, template="{prompt}")]
+    asked = [r["prompt"] for r in load_benchmark("math500", DATA, limit=2, template=template)]
+    own = [r["prompt"] for r in load_benchmark("math500", DATA, limit=2)]
+    assert asked == [f"{p} Let's think step by step and output the final answer within \\boxed{{}}." for p in problems]
+    assert own == [f"{p}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+                   for p in problems]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_model}\nprompt_template: &ask \"{{prompt}} Solve it.\"\n"
+                      f"eval:\n  benchmarks: math500\n  prompt_template: *ask\n")
+    assert build(EvalConfig, str(recipe)).prompt_template == "{prompt} Solve it."
+    recipe.write_text(f"model: {tiny_model}\nprompt_template: \"{{prompt}} Solve it.\"\neval:\n  benchmarks: math500\n")
+    assert build(EvalConfig, str(recipe)).prompt_template == "{prompt}"  # each benchmark's own
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(tiny_model), "--benchmarks", "math500", "--prompt-template",
+                 "{prompt} Solve it.", "--data-dir", str(DATA), "--limit", "2", "--max-new-tokens", "2",
+                 "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["instruction"] == "{prompt} Solve it."
+    assert "instruction: `{prompt} Solve it.`" in (tmp_path / "e.md").read_text()
 
 
 @pytest.mark.parametrize("flags, message", [

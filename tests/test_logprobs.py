@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from astarpo.generation import Rollout
-from astarpo.logprobs import _plain_logprobs, collate, response_logprobs
+from astarpo.logprobs import _plain_logprobs, collate, response_logprobs, response_logprobs_entropy
 from astarpo.models import add_lora, load_model
 
 VOCAB = 400  # the tiny model's vocabulary may be a little smaller (BPE merges); batches use ids < 300
@@ -117,3 +117,24 @@ def test_head_runs_in_the_precision_of_accelerates_autocast(tiny_model):
         plain, ours = _plain_logprobs(model, _batch()), response_logprobs(model, _batch(), chunk_tokens=4)
         full = response_logprobs(load_model(tiny_model), _batch(), chunk_tokens=4)  # no autocast: float32
     assert torch.allclose(ours, plain, atol=1e-5) and not torch.allclose(ours, full, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, None])
+def test_entropy_from_the_chunked_pass_equals_the_full_softmax_one(chunk):
+    """The entropy bonus's input: per response token, H(pi(. | x, y_<t)) from the same chunks as the log-probs,
+    values and gradients equal to the full logits' (torch's Categorical entropy)."""
+    model, batch = _untied_model(), _batch()
+    mask = batch["response_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits[:, -mask.shape[1] - 1 : -1].float()
+    want = torch.distributions.Categorical(logits=logits).entropy() * mask
+    (want * torch.linspace(-1, 2, want.numel()).view_as(want)).sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logp, entropy = response_logprobs_entropy(model, batch, chunk_tokens=chunk)
+    (entropy * torch.linspace(-1, 2, entropy.numel()).view_as(entropy)).sum().backward()
+    torch.testing.assert_close(entropy, want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logp.detach(), response_logprobs(model, batch, chunk_tokens=chunk).detach())
+    assert (entropy[mask == 0] == 0).all() and (entropy[mask == 1] > 0).all()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4)

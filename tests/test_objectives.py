@@ -1,8 +1,9 @@
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from astarpo.generation import Rollout
-from astarpo.logprobs import collate, response_logprobs
-from astarpo.objectives import astarpo_loss
+from astarpo.logprobs import collate, response_logprobs, response_logprobs_entropy
+from astarpo.objectives import astarpo_loss, entropy_bonus
 
 
 def test_astarpo_loss_hand_computed():
@@ -51,3 +52,35 @@ def test_response_logprobs_sum_over_response_tokens_only():
     expected1 = logsm[3, 5]
     assert torch.allclose(lp.sum(-1), torch.stack([expected0, expected1]), atol=1e-6)
     assert lp[1, 1] == 0  # padding after the (truncated) response contributes nothing
+
+
+def test_entropy_bonus_is_each_prompts_mean_entropy_per_response_token():
+    """Two prompts, two responses each: tokens of both responses pool, padding does not count."""
+    entropy = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0], [0.5, 0.5, 0.5], [1.5, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]])
+    torch.testing.assert_close(entropy_bonus(entropy, mask, group_size=2), torch.tensor([2.0, 0.75]))
+
+
+def test_entropy_bonus_raises_the_entropy_the_trainer_subtracts_it_for():
+    """Sign: the trainer's loss term is -entropy_coef * bonus, so a gradient step on it must flatten the policy.
+    Size: its value is the coefficient times the mean token entropy, which for a uniform policy is log V."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    roll = Rollout(prompt_index=[0, 1], prompt_tokens=[[3, 4], [5]], response_tokens=[[6, 7, 2], [8, 2]],
+                   completions=["", ""], truncated=[False, False])
+    batch, coef = collate(roll, 0), 1e-3
+
+    def bonus() -> torch.Tensor:
+        return entropy_bonus(response_logprobs_entropy(model, batch)[1], batch["response_mask"], group_size=1)
+
+    before = bonus()
+    (-coef * before).mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 / coef * p.grad  # plain gradient descent on the term alone
+    after = bonus().detach()
+    assert (after > before.detach()).all() and (after <= torch.log(torch.tensor(16.0)) + 1e-5).all()
+    with torch.no_grad():  # a policy that ignores its input: uniform over the vocabulary
+        model.lm_head.weight.zero_()
+    torch.testing.assert_close(-coef * bonus(), torch.full((2,), -coef * torch.log(torch.tensor(16.0)).item()))

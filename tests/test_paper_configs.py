@@ -14,8 +14,6 @@ from astarpo.values import read_values
 PAPER = sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml"))
 PROMPT = {"gsm8k": "{prompt} Let's think step by step and output the final answer after \"####\".",
           "math": "{prompt} Let's think step by step and output the final answer within \\boxed{}."}
-# build() currently hands the top-level training data keys to EvalConfig too, which refuses them beside benchmarks;
-# these restore EvalConfig's defaults (unnecessary once build() leaves them out for benchmarks).
 
 def test_six_recipes():
     assert [p.name for p in PAPER] == [f"{t}_qwen2.5-{s}.yaml" for t in ("gsm8k", "math") for s in ("1.5b", "3b", "7b")]
@@ -32,11 +30,13 @@ def test_paper_recipe_settings(path):
     assert values.n == 8 and values.output == train.values
     assert (train.n, train.beta1, train.beta2, train.learning_rate) == (8, 0.5, 1e-3, 1e-6)
     assert (train.batch_size, train.mini_batch_size, train.steps, train.filter_unsolved) == (256, 128, 725, False)
+    assert (train.weight_decay, train.entropy_coef) == (1e-2, 1e-3)  # the official code's AdamW and entropy bonus
     ev = build(EvalConfig, str(path))
     assert ev.model == f"{Path(train.output_dir)}/final" and not ev.use_chat_template
     assert ev.benchmark_names == (["gsm8k"] if task == "gsm8k" else
                                   ["math500", "minerva_math", "olympiadbench", "amc23", "aime24"])
     assert ev.max_prompt_tokens == 2048 and ev.on_long_prompt == "error"  # no benchmark problem dropped
+    assert ev.prompt_template == PROMPT[task]  # asked as trained
     assert [ev.k_for(b) for b in ev.benchmark_names] == [32 if b == "amc23" else 1 for b in ev.benchmark_names]
 
 

@@ -139,6 +139,29 @@ def test_every_mini_batch_measures_log_ratio_against_the_sampling_policy(tiny_mo
     assert abs(metrics["log_ratio"]) < 1e-5
 
 
+def test_entropy_coef_lowers_each_prompts_loss_by_coef_times_its_mean_token_entropy(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """The official code's entropy bonus, through the trainer: one update per step (mini-batch = batch), so both runs
+    score the same samples under the same (reference) policy and differ by exactly the bonus in the logged loss."""
+    import astarpo.trainer as trainer_module
+
+    values, seen = _values(tiny_model, tmp_path / "v.parquet"), []
+    real = trainer_module.response_logprobs_entropy
+
+    def recording(model, batch):  # the trainer's own call, recorded on the way through
+        logp, entropy = real(model, batch)
+        seen.append((entropy * batch["response_mask"]).sum(-1) / batch["response_mask"].sum(-1))
+        return logp, entropy
+
+    monkeypatch.setattr(trainer_module, "response_logprobs_entropy", recording)
+    runs = {coef: Trainer(_train_cfg(tiny_model, values, tmp_path / f"c{coef}", steps=1, mini_batch_size=6,
+                                     entropy_coef=coef), reward=DigitReward()).train() for coef in (0.0, 0.5)}
+    per_prompt = torch.cat(seen).detach()  # A*-PO: one response per prompt
+    assert len(per_prompt) == 6 and (per_prompt > 0).all()
+    assert runs[0.5]["loss"] == pytest.approx(runs[0.0]["loss"] - 0.5 * float(per_prompt.mean()), rel=1e-5)
+    assert runs[0.0]["reward"] == runs[0.5]["reward"]  # the same samples
+
+
 def test_cli_end_to_end(tiny_chat_model, tmp_path, capsys):
     m = str(tiny_chat_model)
     flags = ["--model", m, "--limit", "12", "--max-new-tokens", "5"]

@@ -80,12 +80,19 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None
-                   ) -> list[dict[str, Any]]:
+def reported(result: dict[str, Any]) -> float:
+    """A benchmark's figure as the paper reports it: avg@k where it was sampled k > 1 times (AMC23's avg@32),
+    else greedy pass@1. The paper's Average is the mean of these."""
+    return result.get("avg_at_k", result["accuracy"])
+
+
+def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None,
+                   template: str | None = None) -> list[dict[str, Any]]:
     """Records ``{id, prompt, answer, **metadata}`` for benchmark ``name``, ready for evaluation.
 
-    ``prompt`` is the problem with the benchmark's instruction applied; the reference solutions (``solution``,
-    ``solutions``) are dropped, every other column is kept for the reward and the reports.
+    ``prompt`` is the problem with the benchmark's instruction applied, or inside ``template`` (``{prompt}`` marks
+    the problem) when given: a model trained with another instruction is asked as it was trained. The reference
+    solutions (``solution``, ``solutions``) are dropped, every other column is kept for the reward and the reports.
     """
     bench = get_benchmark(name)
     path = resolve_data_dir(data_dir) / bench.relpath
@@ -100,6 +107,6 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, limit: 
     out = []
     for rec in records:
         rec = {k: v for k, v in rec.items() if k not in _SOLUTION_COLUMNS}
-        rec["prompt"] = bench.prompt(rec["prompt"])
+        rec["prompt"] = bench.prompt(rec["prompt"]) if template is None else template.replace("{prompt}", rec["prompt"])
         out.append(rec)
     return out

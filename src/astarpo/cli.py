@@ -73,7 +73,9 @@ def parser() -> argparse.ArgumentParser:
 def _eval_summary(result: dict, output: str) -> str:
     if "benchmarks" in result:
         seconds = sum(r["seconds"] for r in result["benchmarks"].values())
-        return (f"eval: average pass@1 {100 * result['average']:.1f}% over {len(result['benchmarks'])} "
+        metric = "pass@1" if all("avg_at_k" not in r for r in result["benchmarks"].values()) else \
+            "pass@1 (avg@k where sampled)"
+        return (f"eval: average {metric} {100 * result['average']:.1f}% over {len(result['benchmarks'])} "
                 f"benchmark(s), {seconds:.0f} s -> {output}")
     extra = "".join(f", {name} {fmt.format(result[key])}" for name, key, fmt in (
         (f"avg@{result['k']}", "avg_at_k", "{:.1%}"), ("KL to ref", "kl_to_ref", "{:.3f}")) if key in result)

@@ -209,7 +209,11 @@ class TrainConfig(CommonConfig):
     n: int | None = field(default=None, metadata={"help": "use the first N stored samples for V* (default all)"})
     filter_unsolved: bool = field(default=True, metadata={"help": "drop prompts whose N samples all fail"})
     learning_rate: float = 1e-6
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay (the official "
+                                                                "A*-PO code, through verl: 1e-2)"})
+    entropy_coef: float = field(default=0.0, metadata={
+        "help": "entropy bonus: each prompt's loss minus this times the mean entropy per token of its responses "
+                "(the official A*-PO code, through verl: 1e-3); 0: no entropy is computed"})
     max_grad_norm: float = 1.0
     batch_size: int = field(default=256, metadata={"help": "prompts per step (one rollout each)"})
     mini_batch_size: int | None = field(default=None, metadata={"help": "prompts per optimizer update "
@@ -270,6 +274,9 @@ class TrainConfig(CommonConfig):
             raise ConfigError(f"n must be >= 1, got {self.n}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("weight_decay", "entropy_coef"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"{name} must be a number >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "micro_batch_size", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -323,8 +330,9 @@ class EvalConfig(CommonConfig):
     reference: str | None = field(default=None, metadata={"help": "model to measure KL against (default: the "
                                                                    "reference recorded in a checkpoint)"})
     benchmarks: str | None = field(default=None, metadata={
-        "help": "comma list of named benchmarks (e.g. gsm8k,math500; all: the six); each brings its own prompt "
-                "template and reward, so data/split/reward do not apply"})
+        "help": "comma list of named benchmarks (e.g. gsm8k,math500; all: the six); each brings its own data, "
+                "reward and instruction, so data/split/reward do not apply; a prompt_template given to eval itself "
+                "(not the top-level one) replaces every benchmark's instruction, {prompt} being the problem"})
     data_dir: str | None = field(default=None, metadata={"help": "folder holding <benchmark>/test.jsonl (default: "
                                                                  "$ASTARPO_DATA_DIR, else the copy shipped with "
                                                                  "astarpo)"})
@@ -349,7 +357,7 @@ class EvalConfig(CommonConfig):
             raise ConfigError(f"benchmarks lists a name twice: {self.benchmarks}")
         # Each benchmark fixes its own prompts and reward: a changed data setting would be silently ignored.
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        changed = [n for n in ("data", "split", "reward", "prompt_column", "answer_column", "prompt_template")
+        changed = [n for n in ("data", "split", "reward", "prompt_column", "answer_column")
                    if getattr(self, n) != defaults[n]]
         if changed:
             raise ConfigError(f"{', '.join(changed)} do(es) not apply with benchmarks (each benchmark brings its "
@@ -388,9 +396,9 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's regime at the scale of a 2-core CPU: a fixed prompt set trained for several epochs (Stage 1 is
     # paid once and amortized over them), every method sampling with vLLM, the paper's four methods, each at the
     # rate the default bench's sweep chose for it (no sweep: its time goes to the epochs).
-    "paper_regime": {"algos": "astarpo,grpo,ppo,rebel", "engine": "vllm", "train_prompts": 32, "batch_size": 8,
-                     "steps": 32, "eval_every": 8, "max_new_tokens": 24, "eval_limit": 320,
-                     "validation_prompts": 20, "kl_prompts": 60,
+    "paper_regime": {"algos": "astarpo,grpo,ppo,rebel", "engine": "vllm", "train_prompts": 16, "batch_size": 8,
+                     "steps": 16, "eval_every": 8, "max_new_tokens": 24, "eval_limit": 200,
+                     "validation_prompts": 20, "kl_prompts": 40,
                      "learning_rates": "astarpo=1e-5,grpo=2e-5,ppo=2e-5,rebel=1e-5"},
 }
 
@@ -432,7 +440,7 @@ class BenchConfig:
     quick: bool = field(default=False, metadata={"help": "a few minutes: one seed, one learning rate, 2 steps of 4 "
                                                          "prompts, 32 training and 20 held-out prompts"})
     paper_regime: bool = field(default=False, metadata={
-        "help": "the paper's regime at CPU scale: 32 prompts for 8 epochs, responses up to 24 tokens, A*-PO, GRPO, "
+        "help": "the paper's regime at CPU scale: 16 prompts for 8 epochs, responses up to 24 tokens, A*-PO, GRPO, "
                 "PPO and REBEL sampling with vLLM, each at its rate from the default bench's sweep"})
 
     def __post_init__(self) -> None:

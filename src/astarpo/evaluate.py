@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import rewards
-from .benchmarks import get_benchmark, load_benchmark
+from .benchmarks import get_benchmark, load_benchmark, reported
 from .checkpoint import read_run_file
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
@@ -113,11 +113,13 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
     parts = out.with_name(out.name + ".parts")
     model_dir = resolve_model(cfg.model)
     reference = _reference(cfg, model_dir)
+    template = None if cfg.prompt_template == "{prompt}" else cfg.prompt_template
+    instruction = "each benchmark's own" if template is None else template
     settings = {"model": cfg.model, "model_hash": content_hash(model_dir), "reference": reference, "k": cfg.k,
                 "benchmark_k": cfg.benchmark_k, "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens,
                 "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
                 "max_prompt_tokens": cfg.max_prompt_tokens, "use_chat_template": cfg.use_chat_template,
-                "on_long_prompt": cfg.on_long_prompt, "dtype": cfg.dtype}
+                "on_long_prompt": cfg.on_long_prompt, "dtype": cfg.dtype, "instruction": instruction}
     done: dict[str, dict[str, Any]] = {}
     for name in cfg.benchmark_names:  # check every saved part before the slow model load
         path = parts / f"{name}.json"
@@ -135,7 +137,7 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
         tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
         prompts = {}  # every prompt set is read and tokenized first, so a data problem shows before the model load
         for name in todo:
-            records = load_benchmark(name, cfg.data_dir, cfg.limit)
+            records = load_benchmark(name, cfg.data_dir, cfg.limit, template)
             kept, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
                                               cfg.on_long_prompt)
             prompts[name] = (kept, prompt_ids, len(records) - len(kept))
@@ -153,7 +155,7 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             log.info("%s: pass@1 %.1f%% (%.0f s)", name, 100 * result["accuracy"], result["seconds"])
     benchmarks = {name: done[name] for name in cfg.benchmark_names}
     summary = {"model": cfg.model, "reference": reference, "k": cfg.k, "settings": settings, "benchmarks": benchmarks,
-               "average": sum(r["accuracy"] for r in benchmarks.values()) / len(benchmarks)}
+               "average": sum(reported(r) for r in benchmarks.values()) / len(benchmarks)}
     write_json_atomic(out, summary)
     write_text_atomic(out.with_suffix(".md"), markdown_table(summary))
     shutil.rmtree(parts, ignore_errors=True)
@@ -165,19 +167,23 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
     avg@k and pass@k appear for the benchmarks sampled k > 1 times (k may differ per benchmark, see
     ``EvalConfig.benchmark_k``); the others show "-" there, and each Average is over the rows that have it.
+    Where some benchmarks were sampled, a "reported" column gives each one's :func:`reported` figure and its
+    Average is the paper's.
     """
-    rows, s = summary["benchmarks"], summary["settings"]
+    s = summary["settings"]
+    rows = {name: {**r, "reported": reported(r)} for name, r in summary["benchmarks"].items()}
     first = next(iter(rows.values()))
     sampled = {name: r.get("k", summary["k"]) for name, r in rows.items() if "avg_at_k" in r}
     ks = sorted(set(sampled.values()))
     label = ks[0] if len(ks) == 1 else "k"
     cols = [("prompts", "prompts", "{:d}"), ("pass@1 (%)", "accuracy", "{:.1f}")]  # (title, key, format)
     if sampled:
-        cols += [(f"avg@{label} (%)", "avg_at_k", "{:.1f}"), (f"pass@{label} (%)", "pass_at_k", "{:.1f}")]
+        cols += [(f"avg@{label} (%)", "avg_at_k", "{:.1f}"), (f"pass@{label} (%)", "pass_at_k", "{:.1f}"),
+                 ("reported (%)", "reported", "{:.1f}")]
     if "kl_to_ref" in first:
         cols.append(("KL to ref", "kl_to_ref", "{:.3f}"))
     cols.append(("response tokens", "mean_response_tokens", "{:.0f}"))
-    percent = ("accuracy", "avg_at_k", "pass_at_k")
+    percent = ("accuracy", "avg_at_k", "pass_at_k", "reported")
 
     def cells(values: dict[str, Any]) -> str:
         return " | ".join("-" if values.get(key) is None else fmt.format(values[key] * (100 if key in percent else 1))
@@ -194,8 +200,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
         how = f", {ks[0]} samples at temperature {s['temperature']}"
     else:
         how = f", samples at temperature {s['temperature']}: " + ", ".join(f"{n} {k}" for n, k in sampled.items())
+    asked = s.get("instruction", "each benchmark's own")
     lines = [f"model `{summary['model']}`, greedy pass@1{how}, max_new_tokens {s['max_new_tokens']}, "
-             f"limit {s['limit']}", "",
+             f"limit {s['limit']}, instruction: " + (asked if asked.endswith("own") else f"`{asked}`"), "",
              "| benchmark | " + " | ".join(title for title, _, _ in cols) + " |",
              "| --- |" + " ---: |" * len(cols)]
     lines += [f"| {name} | {cells(r)} |" for name, r in rows.items()]

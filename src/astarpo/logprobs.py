@@ -45,7 +45,21 @@ def collate(rollout: Rollout, pad_id: int, device: torch.device | str = "cpu") -
 
 
 def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
-    """Per-token log pi(y_t | x, y_<t) at temperature 1, zero outside the response mask; shape [B, R].
+    """Per-token log pi(y_t | x, y_<t) at temperature 1, zero outside the response mask; shape [B, R]."""
+    return _response_tokens(model, batch, chunk_tokens, entropy=False)[..., 0]
+
+
+def response_logprobs_entropy(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi(y_t | x, y_<t) and the entropy of pi( . | x, y_<t), both [B, R] and zero outside the
+    response mask, from the same forward pass and the same logits chunks (the entropy bonus's input)."""
+    out = _response_tokens(model, batch, chunk_tokens, entropy=True)
+    return out[..., 0], out[..., 1]
+
+
+def _response_tokens(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int | None, entropy: bool
+                     ) -> torch.Tensor:
+    """Per response token, the log-prob (and, with ``entropy``, the entropy) as [B, R, 1 or 2].
 
     Full float32 logits are never materialised. The model (DDP-, FSDP2-, DeepSpeed- or peft-wrapped alike) runs
     its own forward pass, in which its output embedding (the lm_head, tied or not, LoRA-wrapped or not) gets, for
@@ -54,7 +68,7 @@ def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: 
     time, each chunk upcast to float32 for log-softmax. The head is still called as a module, so FSDP2 and
     DeepSpeed gather its sharded weight around it (in backward too), and its result is the model's output. With
     gradients, each chunk is recomputed in backward (activation checkpointing), so the autograd graph holds one
-    float per token, not a row of V logits.
+    float or two per token, not a row of V logits.
 
     Peak memory beyond the backbone's: the plain way keeps [B, R, V] logits in the compute dtype plus a float32
     copy and the log-softmax's temporaries (for Qwen2.5, V = 151,936, micro-batch 8 x 1024 response tokens:
@@ -64,7 +78,7 @@ def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: 
     """
     head = _output_head(model)
     if head is None:
-        return _plain_logprobs(model, batch)
+        return _plain_tokens(model, batch, entropy)
     R = batch["response_mask"].shape[1]
     mask = batch["response_mask"].bool()
     targets = batch["input_ids"][:, -R:][mask]  # response tokens only: [N]
@@ -77,10 +91,10 @@ def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: 
         h = hidden[:, :-1][mask]  # [N, H]: position t predicts response token t
         grad = torch.is_grad_enabled() and h.requires_grad
         parts = [torch.utils.checkpoint.checkpoint(_chunk_logprobs, logits_of, h[i : i + step], targets[i : i + step],
-                                                   use_reentrant=False) if grad
-                 else _chunk_logprobs(logits_of, h[i : i + step], targets[i : i + step])
+                                                   entropy, use_reentrant=False) if grad
+                 else _chunk_logprobs(logits_of, h[i : i + step], targets[i : i + step], entropy)
                  for i in range(0, len(targets), step)]
-        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+        return torch.cat(parts) if parts else h.new_zeros(0, 1 + entropy, dtype=torch.float32)
 
     own = head.__dict__.get("forward")  # an instance-level forward set by someone else, restored below
     head.forward = token_logprobs
@@ -95,16 +109,26 @@ def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: 
     token_logp = out.logits
     if not called:
         raise RuntimeError(f"{type(head).__name__}, the output embedding, was not called by the model's forward")
-    if token_logp.shape != targets.shape:
+    if token_logp.shape != (*targets.shape, 1 + entropy):
         raise RuntimeError(f"{type(model).__name__} changes its logits after the output embedding; add its config "
                            "attribute to astarpo.logprobs._LOGIT_TRANSFORMS")
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, token_logp.float())
+    out = torch.zeros((*mask.shape, 1 + entropy), dtype=torch.float32, device=mask.device)
+    out[mask] = token_logp.float()
+    return out
 
 
 def _chunk_logprobs(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                    targets: torch.Tensor) -> torch.Tensor:
-    logits = logits_of(hidden).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+                    targets: torch.Tensor, entropy: bool) -> torch.Tensor:
+    """[n, 1]: each target's log-prob; [n, 2] with its distribution's entropy, log Z - sum_v p_v * logit_v."""
+    return _token_figures(logits_of(hidden).float(), targets, entropy)
+
+
+def _token_figures(logits: torch.Tensor, targets: torch.Tensor, entropy: bool) -> torch.Tensor:
+    log_z = torch.logsumexp(logits, dim=-1)
+    columns = [logits.gather(-1, targets[..., None]).squeeze(-1) - log_z]
+    if entropy:
+        columns.append(log_z - (logits.softmax(-1) * logits).sum(-1))
+    return torch.stack(columns, -1)
 
 
 def _output_head(model: Any) -> Any:
@@ -125,14 +149,17 @@ def _vocab_size(model: Any, head: Any) -> int:
 
 
 def _plain_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The plain way's log-probs, [B, R] (the tests' reference for the chunked path)."""
+    return _plain_tokens(model, batch, entropy=False)[..., 0]
+
+
+def _plain_tokens(model: Any, batch: dict[str, torch.Tensor], entropy: bool) -> torch.Tensor:
     """The reference computation: [B, R, V] logits from the model, upcast whole (models without a plain head)."""
     R = batch["response_mask"].shape[1]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False).logits
-    logits = logits[:, :-1].float()
-    targets = batch["input_ids"][:, -R:]
-    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return token_logp * batch["response_mask"]
+    figures = _token_figures(logits[:, :-1].float(), batch["input_ids"][:, -R:], entropy)
+    return figures * batch["response_mask"][..., None]
 
 
 

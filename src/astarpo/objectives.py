@@ -133,6 +133,17 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, mask: Tensor, advantage: Tensor, va
     return policy + value_coef * 0.5 * value
 
 
+def entropy_bonus(entropy: Tensor, mask: Tensor, group_size: int) -> Tensor:
+    """Per prompt, the mean entropy per response token of its ``group_size`` responses: [B, T] -> [B / group_size].
+
+    The trainer subtracts ``entropy_coef`` times it from every method's per-prompt loss, as the official A*-PO
+    code (verl's actor) subtracts its coefficient times the token-mean entropy: a positive coefficient pushes
+    towards flatter next-token distributions.
+    """
+    per_prompt = (entropy * mask).reshape(-1, group_size * mask.shape[-1]).sum(-1)
+    return per_prompt / mask.reshape(-1, group_size * mask.shape[-1]).sum(-1).clamp(min=1)
+
+
 # ----- what the loop hands an objective ------------------------------------------------------------------------
 @dataclass
 class Batch:

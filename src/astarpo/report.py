@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import BENCHMARKS
+from .benchmarks import BENCHMARKS, reported
 
 
 class ReportError(ValueError):
@@ -201,7 +201,8 @@ def markdown(rows: list[Row], sources: list[str], plots: list[str]) -> str:
     paper = [n for n in names if n in BENCHMARKS]  # the Average is over the named benchmarks only
     head = ["run", "method", *[n + bench_title for n in names]] + (["Average"] if len(paper) > 1 else [])
     head += ["held-out acc", "KL to ref", "Stage 1 (h)", "Stage 2 (h)", "s/step", "steps", "peak memory (GB)"]
-    intro = ("Accuracies in percent (greedy pass@1; avg@k over k samples at the eval temperature). KL to ref: "
+    intro = ("Accuracies in percent (greedy pass@1; avg@k over k samples at the eval temperature; the Average is "
+             "over each benchmark's reported figure, avg@k where sampled). KL to ref: "
              "measured on sampled responses by `astarpo eval` or `astarpo bench` where given, else the last training "
              "step's estimate. Hours are summed step times (Stage 2) and the values file's sampling time (Stage 1).")
     lines = ["# astarpo report", "", intro, "",
@@ -214,7 +215,7 @@ def markdown(rows: list[Row], sources: list[str], plots: list[str]) -> str:
             cells.append("-" if b is None else _cell(b["accuracy"], ".1f", 100)
                          + (f" / {_cell(b.get('avg_at_k'), '.1f', 100)}" if k > 1 else ""))
         if len(paper) > 1:  # like the paper's, only for a row that has every one of them
-            acc = [r.benchmarks[n]["accuracy"] for n in paper if n in r.benchmarks]
+            acc = [reported(r.benchmarks[n]) for n in paper if n in r.benchmarks]
             cells.append(_cell(sum(acc) / len(acc), ".1f", 100) if len(acc) == len(paper) else "-")
         cells += [_cell(r.held_out, ".1f", 100), _cell(r.kl, ".3f"), _cell(r.stage1_seconds, ".3g", 1 / 3600),
                   _cell(r.stage2_seconds, ".3g", 1 / 3600), _cell(r.step_seconds, ".2f"), _cell(r.steps, "d"),

@@ -34,9 +34,9 @@ from .distributed import all_rows, all_sum, check_supported, make_accelerator, r
 from .engines import make_sampler, release_engines
 from .evaluate import evaluate
 from .generation import Rollout, SamplingParams, collect
-from .logprobs import collate, response_logprobs, token_logprobs
+from .logprobs import collate, response_logprobs, response_logprobs_entropy, token_logprobs
 from .models import content_hash, load_tokenizer, resolve_model
-from .objectives import OBJECTIVES, Batch, seq_sum
+from .objectives import OBJECTIVES, Batch, entropy_bonus, seq_sum
 from .rundir import check_writable
 from .utils import peak_memory_mb
 from .values import training_values
@@ -185,12 +185,17 @@ class Trainer:
                 rows = [j * G + s for j in sub for s in range(G)]
                 batch = collate(roll.select(rows), self.tokenizer.pad_token_id, acc.device)
                 with learner.accumulating(last=u == len(micros) - 1):
-                    logp = response_logprobs(self.policy, batch).float().cpu()
+                    logp, entropy = (response_logprobs_entropy(self.policy, batch) if self.cfg.entropy_coef > 0
+                                     else (response_logprobs(self.policy, batch), None))
+                    logp = logp.float().cpu()
                     values = self.critic(batch).cpu() if self.critic is not None else None
                     if k == 0 and first_from_forward:  # before the first update the policy is the sampling one
                         data.old_logp[rows, : logp.shape[1]] = logp.detach()
                     mb = data.rows(rows, logp.shape[1], logp=logp, values=values)
-                    loss = obj.loss(mb) * valid[sub]
+                    loss = obj.loss(mb)
+                    if entropy is not None:  # the official A*-PO code's entropy bonus
+                        loss = loss - self.cfg.entropy_coef * entropy_bonus(entropy.float().cpu(), mb.mask, G)
+                    loss = loss * valid[sub]
                     learner.backward(loss.sum() * acc.num_processes / count)
                 losses[sub] = loss.detach()
             grad_norms.append(learner.step())
