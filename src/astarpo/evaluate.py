@@ -167,8 +167,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
     avg@k and pass@k appear for the benchmarks sampled k > 1 times (k may differ per benchmark, see
     ``EvalConfig.benchmark_k``); the others show "-" there, and each Average is over the rows that have it.
-    Where some benchmarks were sampled, a "reported" column gives each one's :func:`reported` figure and its
-    Average is the paper's.
+    Where some benchmarks were sampled and others not, a "reported" column gives each one's :func:`reported`
+    figure and its Average is the paper's (where all were, that is the avg@k column).
     """
     s = summary["settings"]
     rows = {name: {**r, "reported": reported(r)} for name, r in summary["benchmarks"].items()}
@@ -178,8 +178,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     label = ks[0] if len(ks) == 1 else "k"
     cols = [("prompts", "prompts", "{:d}"), ("pass@1 (%)", "accuracy", "{:.1f}")]  # (title, key, format)
     if sampled:
-        cols += [(f"avg@{label} (%)", "avg_at_k", "{:.1f}"), (f"pass@{label} (%)", "pass_at_k", "{:.1f}"),
-                 ("reported (%)", "reported", "{:.1f}")]
+        cols += [(f"avg@{label} (%)", "avg_at_k", "{:.1f}"), (f"pass@{label} (%)", "pass_at_k", "{:.1f}")]
+    if 0 < len(sampled) < len(rows):  # greedy rows beside sampled ones: the paper's figure for each
+        cols.append(("reported (%)", "reported", "{:.1f}"))
     if "kl_to_ref" in first:
         cols.append(("KL to ref", "kl_to_ref", "{:.3f}"))
     cols.append(("response tokens", "mean_response_tokens", "{:.0f}"))
