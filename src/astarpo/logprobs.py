@@ -46,7 +46,7 @@ def collate(rollout: Rollout, pad_id: int, device: torch.device | str = "cpu") -
 
 def response_logprobs(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
     """Per-token log pi(y_t | x, y_<t) at temperature 1, zero outside the response mask; shape [B, R]."""
-    return _response_tokens(model, batch, chunk_tokens, entropy=False)[..., 0]
+    return _response_tokens(model, batch, chunk_tokens, entropy=False)
 
 
 def response_logprobs_entropy(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None
@@ -59,7 +59,7 @@ def response_logprobs_entropy(model: Any, batch: dict[str, torch.Tensor], chunk_
 
 def _response_tokens(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int | None, entropy: bool
                      ) -> torch.Tensor:
-    """Per response token, the log-prob (and, with ``entropy``, the entropy) as [B, R, 1 or 2].
+    """Per response token, the log-prob as [B, R]; with ``entropy``, the log-prob and the entropy as [B, R, 2].
 
     Full float32 logits are never materialised. The model (DDP-, FSDP2-, DeepSpeed- or peft-wrapped alike) runs
     its own forward pass, in which its output embedding (the lm_head, tied or not, LoRA-wrapped or not) gets, for
@@ -94,7 +94,7 @@ def _response_tokens(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: i
                                                    entropy, use_reentrant=False) if grad
                  else _chunk_logprobs(logits_of, h[i : i + step], targets[i : i + step], entropy)
                  for i in range(0, len(targets), step)]
-        return torch.cat(parts) if parts else h.new_zeros(0, 1 + entropy, dtype=torch.float32)
+        return torch.cat(parts) if parts else h.new_zeros((0, 2) if entropy else (0,), dtype=torch.float32)
 
     own = head.__dict__.get("forward")  # an instance-level forward set by someone else, restored below
     head.forward = token_logprobs
@@ -109,26 +109,28 @@ def _response_tokens(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: i
     token_logp = out.logits
     if not called:
         raise RuntimeError(f"{type(head).__name__}, the output embedding, was not called by the model's forward")
-    if token_logp.shape != (*targets.shape, 1 + entropy):
+    if token_logp.shape != (*targets.shape, *((2,) if entropy else ())):
         raise RuntimeError(f"{type(model).__name__} changes its logits after the output embedding; add its config "
                            "attribute to astarpo.logprobs._LOGIT_TRANSFORMS")
-    out = torch.zeros((*mask.shape, 1 + entropy), dtype=torch.float32, device=mask.device)
+    if not entropy:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, token_logp.float())
+    out = torch.zeros((*mask.shape, 2), dtype=torch.float32, device=mask.device)
     out[mask] = token_logp.float()
     return out
 
 
 def _chunk_logprobs(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                     targets: torch.Tensor, entropy: bool) -> torch.Tensor:
-    """[n, 1]: each target's log-prob; [n, 2] with its distribution's entropy, log Z - sum_v p_v * logit_v."""
+    """[n]: each target's log-prob; [n, 2] with its distribution's entropy, -sum_v p_v log p_v."""
     return _token_figures(logits_of(hidden).float(), targets, entropy)
 
 
 def _token_figures(logits: torch.Tensor, targets: torch.Tensor, entropy: bool) -> torch.Tensor:
-    log_z = torch.logsumexp(logits, dim=-1)
-    columns = [logits.gather(-1, targets[..., None]).squeeze(-1) - log_z]
-    if entropy:
-        columns.append(log_z - (logits.softmax(-1) * logits).sum(-1))
-    return torch.stack(columns, -1)
+    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    if not entropy:
+        return logp
+    p = logits.softmax(-1)
+    return torch.stack([logp, -(p * logits.log_softmax(-1)).sum(-1)], -1)
 
 
 def _output_head(model: Any) -> Any:
@@ -150,7 +152,7 @@ def _vocab_size(model: Any, head: Any) -> int:
 
 def _plain_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The plain way's log-probs, [B, R] (the tests' reference for the chunked path)."""
-    return _plain_tokens(model, batch, entropy=False)[..., 0]
+    return _plain_tokens(model, batch, entropy=False)
 
 
 def _plain_tokens(model: Any, batch: dict[str, torch.Tensor], entropy: bool) -> torch.Tensor:
@@ -158,8 +160,9 @@ def _plain_tokens(model: Any, batch: dict[str, torch.Tensor], entropy: bool) -> 
     R = batch["response_mask"].shape[1]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False).logits
-    figures = _token_figures(logits[:, :-1].float(), batch["input_ids"][:, -R:], entropy)
-    return figures * batch["response_mask"][..., None]
+    mask = batch["response_mask"]
+    return _token_figures(logits[:, :-1].float(), batch["input_ids"][:, -R:], entropy) * (mask[..., None] if entropy
+                                                                                          else mask)
 
 
 
