@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _META_KEY = b"astarpo"
 # A shard's seconds of sampling and scoring (the engine's start-up and the model's loading excluded): their sum is
-# the values file's ``sampling_seconds``, Stage 1's cost as `astarpo bench` counts it, also across a resume.
+# the values file's ``sampling_seconds``, Stage 1's cost as `astarpo bench` counts it, also across a resume. With
+# several processes their shards' times add up (process-seconds, not wall-clock); a shard written before this key
+# existed counts 0.
 _SECONDS_KEY = "astarpo_sampling_seconds"
 # Settings that change what is sampled; a resumed run or a training run must agree on them.
 SAMPLING_KEYS = ("reference_model_hash", "reference_tokenizer_hash", "reward", "temperature", "top_p",
@@ -264,7 +266,7 @@ def _merge_shards(shards_dir: Path, n_shards: int, n_records: int, provenance: d
     """Write the shards' rows, in prompt order, as the values file with the completed provenance (counts, time
     since ``start``), then delete the shards. Rank 0 only."""
     shards = [pq.read_table(_shard_path(shards_dir, k)) for k in range(n_shards)]
-    sampling = sum(json.loads(t.schema.metadata[_SECONDS_KEY.encode()]) for t in shards)
+    sampling = sum(json.loads((t.schema.metadata or {}).get(_SECONDS_KEY.encode(), b"0")) for t in shards)
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in shards])
     skipped = n_records - table.num_rows
     rows = table.column("rewards").to_pylist()
