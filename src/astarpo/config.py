@@ -508,11 +508,6 @@ class BenchConfig:
         return rates
 
     @property
-    def swept(self) -> bool:
-        """Whether some method trains at several rates (at the first seed)."""
-        return any(len(r) > 1 for r in self.rates.values())
-
-    @property
     def seed_values(self) -> list[int]:
         return [int(s) for s in _comma_list(self.seeds)]
 

@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
 from .objectives import OBJECTIVES
-from .plan import SMOLLM2_135M, Shape, shape_of, write_json
+from .plan import SMOLLM2_135M, Shape, shape_of
+from .rundir import write_json_atomic
 
 METHODS = tuple(OBJECTIVES)  # astarpo, grpo, rloo, rebel, ppo
 PASSES = ("policy", "reference", "old_policy", "critic")
@@ -236,7 +238,9 @@ def run(a: argparse.Namespace) -> str:
                     group_sizes=_pairs(a.group_size, int, "--group-size"),
                     kl_coefs=_pairs(a.kl_coef, float, "--kl-coef"))
     s = shape_of(a.model)
-    write_json(a.json, {"methods": hours(s, device, recipe), "assumptions": assumptions(s, device, recipe)})
+    if a.json:
+        write_json_atomic(Path(a.json), {"methods": hours(s, device, recipe),
+                                         "assumptions": assumptions(s, device, recipe)})
     return table(a.model, s, device, recipe)
 
 

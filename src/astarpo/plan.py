@@ -27,6 +27,7 @@ from typing import Any
 
 from .config import ConfigError
 from .logprobs import LOGITS_CHUNK
+from .rundir import write_json_atomic
 
 GIB = 2**30
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
@@ -247,12 +248,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--decode-efficiency", type=float, help="GPU share of peak bandwidth/FLOPs decoding (default 0.5)")
 
 
-def write_json(path: str | None, figures: dict[str, Any]) -> None:
-    """``--json FILE``: the raw figures beside the printed table (as ``astarpo bench --json FILE``)."""
-    if path:
-        Path(path).write_text(json.dumps(figures, indent=1) + "\n")
-
-
 def run(a: argparse.Namespace) -> str:
     """The memory table for parsed ``astarpo plan`` flags (``--time``: :func:`astarpo.cost.run`)."""
     if a.gpus < 1:
@@ -263,7 +258,8 @@ def run(a: argparse.Namespace) -> str:
               engine_bytes=2 if a.engine_dtype == "bfloat16" else 4, sleep_mode=a.sleep_mode)
     strategies = tuple(a.strategy or STRATEGIES)
     s = shape_of(a.model)
-    write_json(a.json, {"shape": asdict(s), **{st: plan(s, a.gpus, st, **kw) for st in strategies}})
+    if a.json:  # the raw figures beside the printed table, as `astarpo bench --json FILE`
+        write_json_atomic(Path(a.json), {"shape": asdict(s), **{st: plan(s, a.gpus, st, **kw) for st in strategies}})
     return table(a.model, a.gpus, strategies, **kw)
 
 

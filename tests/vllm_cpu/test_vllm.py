@@ -246,7 +246,8 @@ def test_bench_samples_and_scores_with_vllm_and_counts_stage1_sampling_alone(tmp
 
 def test_the_paper_regime_preset_trains_several_epochs_on_vllm():
     cfg = BenchConfig(paper_regime=True)
-    assert cfg.engine == "vllm" and cfg.algo_names == ["astarpo", "grpo", "ppo", "rebel"] and not cfg.swept
+    assert cfg.engine == "vllm" and cfg.algo_names == ["astarpo", "grpo", "ppo", "rebel"]
+    assert all(len(r) == 1 for r in cfg.rates.values())  # rates given per method: no sweep
     assert cfg.steps * cfg.batch_size // cfg.train_prompts == 8 and cfg.steps % cfg.eval_every == 0
     with pytest.raises(ConfigError, match="paper_regime sets steps itself"):
         BenchConfig(paper_regime=True, steps=4)
