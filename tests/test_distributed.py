@@ -13,6 +13,7 @@ import torch
 from launcher import rank_logs
 from safetensors.torch import load_file
 
+from astarpo.engines import EngineShare
 from astarpo.values import read_values
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -28,6 +29,12 @@ def _run(args: list[str], processes: int, cwd: Path) -> None:
            "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{rank_logs(logs) if processes > 1 else ''}"
+
+
+def test_engines_split_work_into_contiguous_blocks():
+    blocks = [list(EngineShare(e, 3).block(8)) for e in range(3)]
+    assert blocks == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert list(EngineShare().block(4)) == [0, 1, 2, 3] and list(EngineShare(2, 3).block(2)) == []
 
 
 def test_two_processes_match_one(tiny_model, tmp_path):
@@ -92,3 +99,22 @@ def test_each_process_samples_from_its_own_stream_and_resumes_it(tiny_model, tmp
     assert [{k: m[k] for k in keys} for m in whole] == [{k: m[k] for k in keys} for m in resumed]
     w1, w2 = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("whole", "resumed"))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_eval_is_data_parallel(tiny_model, tmp_path):
+    """`astarpo eval` in two processes: each scores its block of every benchmark (HF generate, greedy and k = 2
+    samples, the KL to the reference), rank 0 writes the result once: per-prompt greedy answers and the greedy
+    figures equal one process's, the sampled figures come from each process's own stream."""
+    args = ["eval", "--model", str(tiny_model), "--benchmarks", "gsm8k,amc23", "--limit", "5", "--k", "2",
+            "--reference", str(tiny_model), "--max-new-tokens", "6", "--max-prompt-tokens", "512"]
+    _run([*args, "--output", "one.json"], 1, tmp_path)
+    _run([*args, "--output", "two.json"], 2, tmp_path)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    for name in ("gsm8k", "amc23"):
+        a, b = one["benchmarks"][name], two["benchmarks"][name]
+        assert a["prompts"] == b["prompts"] == 5
+        assert a["samples"] == b["samples"]  # every prompt's greedy answer, in order: gathered from both blocks
+        assert (a["accuracy"], a["mean_response_tokens"]) == (b["accuracy"], b["mean_response_tokens"])
+        assert 0 <= b["avg_at_k"] <= b["pass_at_k"] <= 1
+        assert abs(b["kl_to_ref"]) < 1e-6  # the reference is the model itself
+    assert (tmp_path / "two.md").is_file() and not (tmp_path / "two.json.parts").exists()

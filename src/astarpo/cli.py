@@ -130,14 +130,17 @@ def main(argv: list[str] | None = None) -> int:
 
             print(markdown(bench(cfg)), end="")
         else:
+            from accelerate import PartialState
+
             from .evaluate import markdown_table, run_eval
 
             result = run_eval(cfg)
-            if cfg.benchmarks:
-                print(markdown_table(result), end="")
-            else:
-                print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
-            log.info(_eval_summary(result, cfg.output))
+            if PartialState().is_main_process:  # every process has the whole result
+                if cfg.benchmarks:
+                    print(markdown_table(result), end="")
+                else:
+                    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+                log.info(_eval_summary(result, cfg.output))
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"astarpo: error: {msg}", file=sys.stderr)

@@ -75,7 +75,7 @@ class CommonConfig:
     vllm_sleep_mode: bool = field(default=True, metadata=_free(
         "vllm on GPU: train puts the engine to sleep for every update (its weights and KV cache freed) and wakes it "
         "for generation; vLLM's CPU build has no sleep mode (ignored there)"))
-    vllm_tensor_parallel_size: int = field(default=1, metadata=_free("vllm: GPUs per engine (values, eval)"))
+    vllm_tensor_parallel_size: int = field(default=1, metadata=_free("vllm: GPUs (processes of a launch) per engine"))
     vllm_kv_cache_gb: float | None = field(default=None, metadata=_free(
         "vllm: KV cache size in GiB (default: from vllm_gpu_memory_utilization on GPU, 4 on CPU)"))
     vllm_enforce_eager: bool = field(default=False, metadata=_free(
@@ -287,9 +287,6 @@ class TrainConfig(CommonConfig):
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
-        if self.engine == "vllm" and self.vllm_tensor_parallel_size > 1:
-            raise ConfigError("train pushes the policy's weights into an in-process vLLM engine after every step, "
-                              "which needs vllm_tensor_parallel_size 1 (larger sizes work for values and eval)")
 
     def _check_method_settings(self) -> None:
         """Each method reads its own settings (``Objective.settings``): setting one that belongs to other methods

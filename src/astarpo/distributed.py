@@ -91,9 +91,13 @@ def strategy(acc: Accelerator) -> str:
     return "ddp" if acc.num_processes > 1 else "single"
 
 
-def check_supported(acc: Accelerator, *, critic: bool, engine: str, lora: bool) -> None:
+def check_supported(acc: Accelerator, *, critic: bool, engine: str, lora: bool, tensor_parallel: int = 1) -> None:
     """Refuse, before any model loads, what the strategy cannot do yet."""
     name = strategy(acc)
+    if engine == "vllm" and tensor_parallel > 1 and acc.num_processes == 1:
+        raise StrategyError(f"training with vllm_tensor_parallel_size {tensor_parallel} runs one engine over "
+                            f"{tensor_parallel} processes of a launch, each pushing the policy's weights into its part "
+                            f"of it: accelerate launch --num_processes {tensor_parallel} (or a multiple of it)")
     if name in ("zero0", "zero1"):
         raise StrategyError(f"DeepSpeed ZeRO stage {name[-1]} is not supported; use zero_stage 2 or 3")
     if critic and name.startswith("zero"):

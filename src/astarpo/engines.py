@@ -30,16 +30,19 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from .config import VLLM_MISSING, CommonConfig, TrainConfig
 from .distributed import StrategyError, whole_weights
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, _trim
 from .models import eos_ids, load_model
+from .utils import cpu_processes
 
 log = logging.getLogger(__name__)
 CPU_KV_CACHE_GB = 4.0  # vLLM's CPU build will not start without a KV cache size; ours when none is given
@@ -123,29 +126,83 @@ def policy_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
+@dataclass(frozen=True)
+class EngineShare:
+    """This process's place in data-parallel sampling, whose unit is the engine rather than the process.
+
+    Under a launch of W processes with ``vllm_tensor_parallel_size`` t, processes t*e ... t*e + t - 1 run engine e
+    together (vLLM's tensor-parallel groups are consecutive ranks): ``index`` e of ``count`` W // t engines.
+    vLLM's external launcher runs a scheduler in every process of an engine and relies on them all being given
+    the same requests and drawing the same random numbers, so the processes of one engine do the same sampling
+    work with the same seeds; the first of them (``speaks``) keeps what it produced. With the HF engine, or
+    t = 1, every process is an engine of its own.
+    """
+
+    index: int = 0
+    count: int = 1
+    speaks: bool = True
+
+    def block(self, n: int) -> range:
+        """This engine's contiguous part of ``n`` items (the first ``n % count`` engines take one more)."""
+        per, extra = divmod(n, self.count)
+        lo = self.index * per + min(self.index, extra)
+        return range(lo, lo + per + (self.index < extra))
+
+
+ALONE = EngineShare()  # a single process: one engine, all the work
+
+
+def engine_share(cfg: CommonConfig) -> EngineShare:
+    """Which engine this process runs (see :class:`EngineShare`); a StrategyError if the launch's processes do not
+    divide into engines of ``vllm_tensor_parallel_size``."""
+    state = PartialState(cpu=cpu_processes())
+    if state.num_processes == 1:
+        return ALONE
+    size = cfg.vllm_tensor_parallel_size if cfg.engine == "vllm" else 1
+    if state.num_processes % size:
+        raise StrategyError(f"vllm_tensor_parallel_size {size} must divide the number of processes "
+                            f"({state.num_processes}): each engine runs over that many processes")
+    return EngineShare(state.process_index // size, state.num_processes // size, state.process_index % size == 0)
+
+
 def _colocated(tensor_parallel_size: int) -> dict[str, Any]:
     """Engine settings for a process of a multi-process launch (accelerate, torchrun), the hybrid engine: every
-    process runs its own engine on its own device and samples for its own prompts.
+    process runs its engine on its own device, alone or with the other processes of its tensor-parallel group
+    (:class:`EngineShare`), and samples for its own share of the prompts.
 
     vLLM's ``external_launcher`` executor (what TRL's colocate mode uses) takes the launch's process group as its
-    world and the device of ``LOCAL_RANK``; the in-process executor of a single process would put every engine on
-    the first GPU and start a world of its own. Tensor parallelism across processes (several processes, one
-    engine) would need each group's prompts gathered and its random streams aligned: not done yet, refused.
+    world, splits it into groups of ``tensor_parallel_size`` consecutive ranks (one engine each) and uses the device
+    of ``LOCAL_RANK``; the in-process executor of a single process would put every engine on the first GPU and
+    start a world of its own.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return {}
-    if tensor_parallel_size > 1:
-        raise StrategyError("with several processes every process runs its own vLLM engine: use "
-                            "vllm_tensor_parallel_size 1 (one engine over several GPUs is for single-process values "
-                            "and eval)")
-    from accelerate import PartialState
-
     state = PartialState()
     os.environ.update(RANK=str(state.process_index), LOCAL_RANK=str(state.local_process_index),
                       WORLD_SIZE=str(state.num_processes))
+    if tensor_parallel_size > 1:
+        _remove_cpu_shm(tensor_parallel_size)  # a killed run's, which would stop this engine from starting
     return {"distributed_executor_backend": "external_launcher"}
+
+
+def _remove_cpu_shm(tensor_parallel_size: int) -> None:
+    """Remove this process's shared-memory file of vLLM's CPU tensor-parallel communicator, if there is one.
+
+    Under the external launcher its name is the same in every run (``<...>-[<the group's ranks>]-cpushm_<rank in
+    the group>`` in /dev/shm: vLLM names it after the port of its own launcher, and this one has none) and vLLM
+    creates it exclusively, so a file left by a run that did not remove it stops every later engine of that
+    group from starting ("create shm in SHMManager failed. errno: 17"). Called before an engine starts and by
+    :func:`release_engines`. Two such launches at once on one machine would share the names, so they cannot run.
+    """
+    rank = PartialState().process_index
+    first = rank - rank % tensor_parallel_size
+    suffix = f"-[{'-'.join(str(r) for r in range(first, first + tensor_parallel_size))}]-cpushm_{rank - first}"
+    shm = Path("/dev/shm")
+    for name in os.listdir(shm) if shm.is_dir() else []:
+        if name.endswith(suffix):
+            (shm / name).unlink(missing_ok=True)
 
 
 def _rng_states() -> tuple[Any, Any, Any]:
@@ -176,7 +233,10 @@ def release_engines() -> None:
         return  # a single process's engine owns its world of one, and stays for reuse
     from vllm.distributed import parallel_state
 
+    tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
     parallel_state.destroy_model_parallel()
+    if tensor_parallel_size > 1:
+        _remove_cpu_shm(tensor_parallel_size)  # every process of the engine has mapped it: the mapping stays
     if parallel_state._WORLD is not None:  # vLLM's world coordinator: its own subgroups of the launch's group
         parallel_state._WORLD.destroy()
         parallel_state._WORLD = None

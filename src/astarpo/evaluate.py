@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from . import rewards
@@ -23,11 +25,12 @@ from .benchmarks import get_benchmark, load_benchmark, reported
 from .checkpoint import read_run_file
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
-from .engines import make_sampler
+from .engines import ALONE, EngineShare, engine_share, make_sampler
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, collect
 from .logprobs import sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .rundir import diff_settings, write_json_atomic, write_text_atomic
+from .utils import cpu_processes
 
 log = logging.getLogger(__name__)
 
@@ -36,45 +39,71 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[l
              reward_fn: rewards.RewardFn, *, k: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              max_new_tokens: int = 256, batch_size: int = 64, ref_model: Any = None,
              on_reward_error: str = "raise", micro_batch_size: int = 8, progress: str | None = "eval",
-             sampler: Sampler | None = None) -> dict[str, Any]:
+             sampler: Sampler | None = None, share: EngineShare = ALONE) -> dict[str, Any]:
     """Score ``model`` on tokenized prompts. Returns accuracy figures and per-prompt samples.
 
     ``progress`` labels a progress bar over the sampled sequences (rate and time left), ``None`` for none; only
     rank 0 of a multi-process launch shows it. ``sampler`` draws the responses (default: HF ``generate`` on
-    ``model``; a vLLM engine must hold ``model``'s weights).
+    ``model``; a vLLM engine must hold ``model``'s weights). ``share`` makes it data-parallel under a launch: each
+    engine scores its block of the prompts and every process returns the figures over all of them.
     """
-    sampler = sampler or HFSampler(model, tokenizer, eos_ids(model, tokenizer), batch_size)
     start = time.perf_counter()
+    block = share.block(len(records))
+    scores = _score(model, tokenizer, [records[i] for i in block], [prompt_ids[i] for i in block], reward_fn, k,
+                    SamplingParams(temperature, top_p, max_new_tokens), batch_size, ref_model, on_reward_error,
+                    micro_batch_size, progress, sampler) if block else {}
+    if share.count > 1:  # every engine's scores, in prompt order (an engine's other processes scored the same)
+        parts = [p for p in gather_object([scores] if share.speaks else []) if p]
+        scores = {key: [x for p in parts for x in p[key]] for key in parts[0]}
+    g = torch.tensor(scores["greedy"], dtype=torch.float64)
+    result: dict[str, Any] = {"prompts": len(g), "accuracy": _nanmean(g), "k": k,
+                              "mean_response_tokens": sum(scores["lengths"]) / len(g)}
+    if k > 1:
+        s = torch.tensor(scores["sampled"], dtype=torch.float64)
+        result["avg_at_k"] = _nanmean(s)
+        result["pass_at_k"] = float((s > 0).any(-1).double().mean())
+    if ref_model is not None:
+        result["kl_to_ref"] = float(torch.tensor(scores["log_ratio"], dtype=torch.float64).mean())
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["samples"] = scores["samples"]
+    return result
+
+
+def _score(model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
+           reward_fn: rewards.RewardFn, k: int, params: SamplingParams, batch_size: int, ref_model: Any,
+           on_reward_error: str, micro_batch_size: int, progress: str | None,
+           sampler: Sampler | None) -> dict[str, list]:
+    """Per prompt: the greedy reward and length, the k sampled rewards (k > 1), each sampled response's summed
+    log-ratio to the reference (with ``ref_model``), and the greedy sample's record."""
+    sampler = sampler or HFSampler(model, tokenizer, eos_ids(model, tokenizer), batch_size)
     draws = k if k > 1 else int(ref_model is not None)  # sampled sequences per prompt after the greedy one
     bar = tqdm(total=len(records) * (1 + draws), desc=progress, unit="seq", dynamic_ncols=True, leave=False,
                disable=progress is None or int(os.environ.get("RANK", "0")) != 0)
-    greedy = collect(sampler, records, prompt_ids, 1, SamplingParams(0.0, 1.0, max_new_tokens), reward_fn,
+    greedy = collect(sampler, records, prompt_ids, 1, SamplingParams(0.0, 1.0, params.max_new_tokens), reward_fn,
                      on_reward_error, progress=bar.update)
-    g = torch.tensor(greedy.rewards, dtype=torch.float64)
-    result: dict[str, Any] = {"prompts": len(records), "accuracy": _nanmean(g), "k": k,
-                              "mean_response_tokens": sum(greedy.lengths) / len(greedy)}
-    params = SamplingParams(temperature, top_p, max_new_tokens)
+    scores: dict[str, list] = {"greedy": greedy.rewards, "lengths": greedy.lengths, "samples": [
+        {"id": rec["id"], "answer": rec["answer"], "greedy": c, "reward": float(r)}
+        for rec, c, r in zip(records, greedy.completions, greedy.rewards)]}
     if k > 1:
         sampled = collect(sampler, records, prompt_ids, k, params, reward_fn, on_reward_error, progress=bar.update)
-        s = torch.tensor(sampled.rewards, dtype=torch.float64).view(len(records), k)
-        result["avg_at_k"] = _nanmean(s)
-        result["pass_at_k"] = float((s > 0).any(-1).double().mean())
+        scores["sampled"] = torch.tensor(sampled.rewards, dtype=torch.float64).view(len(records), k).tolist()
     elif ref_model is not None:
         sampled = sampler.generate(prompt_ids, 1, params, bar.update)  # the KL needs samples, not rewards
     bar.close()
     if ref_model is not None:
-        result["kl_to_ref"] = kl_to_ref(model, ref_model, sampled, tokenizer.pad_token_id, micro_batch_size)
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    result["samples"] = [{"id": rec["id"], "answer": rec["answer"], "greedy": c, "reward": float(r)}
-                         for rec, c, r in zip(records, greedy.completions, g.tolist())]
-    return result
+        scores["log_ratio"] = log_ratios(model, ref_model, sampled, tokenizer.pad_token_id, micro_batch_size).tolist()
+    return scores
 
 
 def kl_to_ref(model: Any, ref_model: Any, sampled: Rollout, pad_id: int, micro_batch_size: int = 8) -> float:
     """KL(pi || pi_ref) estimated on responses sampled from ``model``: the mean summed log-ratio."""
-    log_ratio = (sequence_logprobs(model, sampled, pad_id, micro_batch_size)
-                 - sequence_logprobs(ref_model, sampled, pad_id, micro_batch_size))
-    return float(log_ratio.double().mean())
+    return float(log_ratios(model, ref_model, sampled, pad_id, micro_batch_size).double().mean())
+
+
+def log_ratios(model: Any, ref_model: Any, sampled: Rollout, pad_id: int, micro_batch_size: int = 8) -> torch.Tensor:
+    """sum_t [log pi(y_t|.) - log pi_ref(y_t|.)] for each sampled response: [rows]."""
+    return (sequence_logprobs(model, sampled, pad_id, micro_batch_size)
+            - sequence_logprobs(ref_model, sampled, pad_id, micro_batch_size))
 
 
 def _nanmean(x: torch.Tensor) -> float:
@@ -98,12 +127,14 @@ def run_eval(cfg: EvalConfig, reward: str | rewards.RewardFn | None = None) -> d
     result = _evaluate(cfg, model, tokenizer, records, prompt_ids, reward_fn, ref_model, sampler)
     result = {"model": cfg.model, "reference": reference, "data": cfg.data, "split": cfg.split,
               "reward": reward_name, **result}
-    write_json_atomic(Path(cfg.output), result)
+    if PartialState().is_main_process:
+        write_json_atomic(Path(cfg.output), result)
     return result
 
 
 def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
     """`astarpo eval --benchmarks a,b`: one model load, one result per benchmark, the paper's table at the end.
+    Under ``accelerate launch`` every engine (process) scores its block of each benchmark, rank 0 writes.
 
     Each finished benchmark is saved to ``<output>.parts/<name>.json`` with the settings it was made with, so a
     rerun of the same command only evaluates what is missing; the parts folder goes once the final JSON and
@@ -143,7 +174,9 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             prompts[name] = (kept, prompt_ids, len(records) - len(kept))
         model, ref_model = _load_models(cfg, model_dir, reference)
         sampler = make_sampler(cfg, model_dir, tokenizer, model)
-        parts.mkdir(parents=True, exist_ok=True)
+        main = PartialState().is_main_process
+        if main:
+            parts.mkdir(parents=True, exist_ok=True)
         for name in todo:
             bench = get_benchmark(name)
             records, prompt_ids, skipped = prompts[name]
@@ -151,14 +184,16 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             result = _evaluate(cfg, model, tokenizer, records, prompt_ids, rewards.get(bench.reward), ref_model,
                                sampler, progress=name, k=cfg.k_for(name))
             done[name] = {"reward": bench.reward, "skipped": skipped, **result}
-            write_json_atomic(parts / f"{name}.json", {"settings": settings, "result": done[name]})
+            if main:
+                write_json_atomic(parts / f"{name}.json", {"settings": settings, "result": done[name]})
             log.info("%s: pass@1 %.1f%% (%.0f s)", name, 100 * result["accuracy"], result["seconds"])
     benchmarks = {name: done[name] for name in cfg.benchmark_names}
     summary = {"model": cfg.model, "reference": reference, "k": cfg.k, "settings": settings, "benchmarks": benchmarks,
                "average": sum(reported(r) for r in benchmarks.values()) / len(benchmarks)}
-    write_json_atomic(out, summary)
-    write_text_atomic(out.with_suffix(".md"), markdown_table(summary))
-    shutil.rmtree(parts, ignore_errors=True)
+    if PartialState().is_main_process:
+        write_json_atomic(out, summary)
+        write_text_atomic(out.with_suffix(".md"), markdown_table(summary))
+        shutil.rmtree(parts, ignore_errors=True)
     return summary
 
 
@@ -220,19 +255,24 @@ def _reference(cfg: EvalConfig, model_dir: Path) -> str | None:
 
 
 def _load_models(cfg: EvalConfig, model_dir: Path, reference: str | None) -> tuple[Any, Any]:
-    """The model under evaluation and, when there is a reference, the reference model (for the KL)."""
-    model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code)
+    """The model under evaluation and, when there is a reference, the reference model (for the KL), on this
+    process's device."""
+    device = PartialState(cpu=cpu_processes()).device
+    model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(device)
     ref_model = None
     if reference is not None:
-        ref_model = load_model(resolve_model(reference), cfg.dtype, cfg.trust_remote_code)
+        ref_model = load_model(resolve_model(reference), cfg.dtype, cfg.trust_remote_code).to(device)
     return model, ref_model
 
 
 def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
               reward_fn: rewards.RewardFn, ref_model: Any, sampler: Sampler, progress: str = "eval",
               k: int | None = None) -> dict[str, Any]:
-    """``evaluate`` with the config's settings, seeded here so a result does not depend on what ran before."""
-    torch.manual_seed(cfg.seed)
+    """``evaluate`` with the config's settings, data-parallel under a launch, seeded here (seed + engine index) so
+    that a result does not depend on what ran before."""
+    share = engine_share(cfg)
+    torch.manual_seed(cfg.seed + share.index)
     return evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=k or cfg.k, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
-                    ref_model=ref_model, on_reward_error=cfg.on_reward_error, progress=progress, sampler=sampler)
+                    ref_model=ref_model, on_reward_error=cfg.on_reward_error, progress=progress, sampler=sampler,
+                    share=share)

@@ -111,10 +111,18 @@ class HFSampler:
 
 def collect(sampler: Sampler, records: list[dict[str, Any]], prompt_tokens: list[list[int]], n: int,
             params: SamplingParams, reward_fn: rewards.RewardFn, on_reward_error: str = "raise",
-            progress: Callable[[int], None] | None = None) -> Rollout:
+            progress: Callable[[int], None] | None = None, keep: list[int] | None = None) -> Rollout:
     """Sample ``n`` responses per prompt and score each with ``reward_fn`` (TRL's signature; the records' other
-    columns are passed through). ``records[i]`` belongs to ``prompt_tokens[i]``."""
+    columns are passed through). ``records[i]`` belongs to ``prompt_tokens[i]``.
+
+    ``keep``: the prompts (positions) whose responses are returned and scored, the Rollout's ``prompt_index`` then
+    counting positions in ``keep``; an engine run by several processes samples every process's prompts in each."""
     roll = sampler.generate(prompt_tokens, n, params, progress)
+    if keep is not None:
+        position = {p: i for i, p in enumerate(keep)}
+        roll = roll.select([row for row, p in enumerate(roll.prompt_index) if p in position])
+        roll.prompt_index = [position[p] for p in roll.prompt_index]
+        records = [records[p] for p in keep]
     roll.rewards = rewards.score_records(reward_fn, [records[i] for i in roll.prompt_index], roll.completions,
                                          on_reward_error)
     return roll

@@ -31,7 +31,7 @@ from .checkpoint import RunState, check_resume
 from .config import TrainConfig, to_dict
 from .data import load_prompts, step_prompts
 from .distributed import all_rows, all_sum, check_supported, make_accelerator, ready_for_generation
-from .engines import make_sampler, release_engines
+from .engines import engine_share, make_sampler, release_engines
 from .evaluate import evaluate
 from .generation import Rollout, SamplingParams, collect
 from .logprobs import collate, response_logprobs, response_logprobs_entropy, token_logprobs
@@ -66,11 +66,15 @@ class Trainer:
         self.accelerator = acc = make_accelerator(
             micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm, log_with=cfg.report_names or None,
             project_dir=self.out, mixed_precision=cfg.mixed_precision)
-        set_seed(cfg.seed, device_specific=True)  # seed + process index: each process samples from its own stream
+        # Each engine samples from its own stream, seed + engine index (the process index, unless several processes
+        # run one vLLM engine: they draw the same numbers, as vLLM's external launcher needs)
+        self.share = engine_share(cfg)
+        set_seed(cfg.seed + self.share.index)
         self.objective = OBJECTIVES[cfg.algo](cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size,
                                               gae_lambda=cfg.gae_lambda, all_sum=lambda t: all_sum(acc, t),
                                               tis_cap=cfg.tis_cap)
-        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine, lora=cfg.lora_rank > 0)
+        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine, lora=cfg.lora_rank > 0,
+                        tensor_parallel=cfg.vllm_tensor_parallel_size)
         self.model_dir = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
         self.records, self.prompt_ids = load_prompts(self.tokenizer, cfg)
@@ -100,15 +104,19 @@ class Trainer:
 
     # ----- one step ---------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
-        """One step. Under ``accelerate launch`` process r takes prompts r::world of the global batch."""
-        acc, G = self.accelerator, self.objective.group_size
+        """One step. Under ``accelerate launch`` process r takes prompts r::world of the global batch; its engine
+        samples those of all the processes that run it (the same prompts in each of them)."""
+        acc, G, world = self.accelerator, self.objective.group_size, self.accelerator.num_processes
         t0 = time.perf_counter()
         batch = step_prompts(len(self.records), self.cfg.batch_size, step, self.cfg.seed)
-        mine = list(range(acc.process_index, len(batch), acc.num_processes))  # my positions in the global batch
+        mine = list(range(acc.process_index, len(batch), world))  # my positions in the global batch
         prompts = [batch[g] for g in mine]
+        engine_size = world // self.share.count
+        ours = [g for g in range(len(batch)) if g % world // engine_size == self.share.index]  # my engine's
         with acc.autocast(), self._ready_to_sample():
-            roll = collect(self.sampler, [self.records[i] for i in prompts], [self.prompt_ids[i] for i in prompts],
-                           G, self.params, self.reward_fn, self.cfg.on_reward_error)
+            roll = collect(self.sampler, [self.records[batch[g]] for g in ours],
+                           [self.prompt_ids[batch[g]] for g in ours], G, self.params, self.reward_fn,
+                           self.cfg.on_reward_error, keep=[ours.index(g) for g in mine])
         self.sampler.sleep()  # a vLLM engine on a GPU frees its memory for the update
         gen_seconds = time.perf_counter() - t0
         reward = torch.tensor(roll.rewards, dtype=torch.float32)

@@ -8,8 +8,9 @@ sampling again. The output is one parquet file, one row per prompt (``id``, ``re
 
 Work is done in shards of prompts, each written atomically and seeded by its own index, so a killed run
 restarted with the same settings skips finished shards and ends with exactly the rows of an uninterrupted run.
-Under ``accelerate launch`` shard k is sampled by process k % world_size and rank 0 merges the shards; since a
-shard's samples depend only on its seed, the file is the same whatever the number of processes. Sampling needs no
+Under ``accelerate launch`` shard k is sampled by process k % world_size (by engine k % engines when several
+processes run one vLLM engine) and rank 0 merges the shards; since a shard's samples depend only on its seed, the
+file is the same whatever the number of processes. Sampling needs no
 gradients or optimizer state, so under an FSDP2 or DeepSpeed config each process still holds a whole copy of the
 reference (in bfloat16, 15 GB for a 7B model) and samples its shards alone.
 
@@ -34,13 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from . import __version__, rewards
 from .config import CommonConfig, TrainConfig, ValuesConfig
 from .data import load_prompts
 from .distributed import whole_weights_on_every_process
-from .engines import make_sampler
+from .engines import engine_share, make_sampler
 from .generation import Sampler, SamplingParams, collect, sampling_settings
 from .models import content_hash, load_model, load_tokenizer, resolve_model, tokenizer_hash
 from .rundir import atomic_path, check_writable, diff_settings
@@ -233,14 +235,19 @@ def _shard_path(shards_dir: Path, k: int) -> Path:
 def _sample_missing_shards(cfg: ValuesConfig, model_dir: Path, tokenizer: Any, records: list[dict],
                            prompt_ids: list[list[int]], reward_name: str, reward_fn: rewards.RewardFn,
                            shards_dir: Path, n_shards: int, state: PartialState) -> None:
-    """Sample and write this process's shards (shard k is process k % world_size's) that are not on disk yet.
+    """Sample and write this engine's shards (shard k is engine k % engines', see :class:`EngineShare`: with the HF
+    engine or one process per vLLM engine, process k % world_size's) that are not on disk yet.
 
     The model is loaded only when a shard is missing, so a run killed after its last shard goes on to the merge
-    without it."""
+    without it. vLLM engines under a launch start together (their start is collective) when any shard is missing."""
     per_prompt = cfg.n_max if cfg.adaptive else cfg.n  # at most, for the progress bar
-    mine = range(state.process_index, n_shards, state.num_processes)
+    share = engine_share(cfg)
+    mine = range(share.index, n_shards, share.count)
     todo = [k for k in mine if not _shard_path(shards_dir, k).exists()]
-    if not todo:
+    wanted = bool(todo)
+    if cfg.engine == "vllm" and state.num_processes > 1:
+        wanted = any(gather_object([wanted]))
+    if not wanted:
         return
     model = None  # vLLM loads the weights itself
     if cfg.engine == "hf":
@@ -257,7 +264,9 @@ def _sample_missing_shards(cfg: ValuesConfig, model_dir: Path, tokenizer: Any, r
             table, drawn = _sample_shard(cfg, sampler, records[lo:hi], prompt_ids[lo:hi], reward_name,
                                          reward_fn, shard_seed(cfg.seed, k), bar.update)
             seconds = json.dumps(time.perf_counter() - t0).encode()
-            _write_atomic(table.replace_schema_metadata({_SECONDS_KEY: seconds}), _shard_path(shards_dir, k))
+            if share.speaks:  # the engine's other processes sampled the same rows
+                _write_atomic(table.replace_schema_metadata({_SECONDS_KEY: seconds}),
+                              _shard_path(shards_dir, k))
             bar.update((hi - lo) * per_prompt - drawn)  # an adaptive shard stops short of n_max
 
 

@@ -1,7 +1,7 @@
 """The hybrid engine on vLLM's CPU build: two processes under `accelerate launch`, each with its own vLLM engine
-sampling its own prompts (vLLM's external_launcher executor over the launch's gloo group), beside DDP, FSDP2,
-ZeRO-2 and ZeRO-3. After every optimizer step each process's engine gets the policy's whole weights (gathered one
-tensor at a time from FSDP2's and ZeRO-3's shards).
+sampling its own prompts (vLLM's external_launcher executor over the launch's gloo group), or one engine over both
+(``--vllm-tensor-parallel-size 2``), beside DDP, FSDP2, ZeRO-2 and ZeRO-3. After every optimizer step each
+process's engine gets the policy's whole weights (gathered one tensor at a time from FSDP2's and ZeRO-3's shards).
 
 Each launch starts two engines (eager mode, a 0.25 GiB KV cache each): about half a minute on two cores.
 """
@@ -26,7 +26,9 @@ from conftest import build_tiny_model  # noqa: E402
 from launcher import launch, launch_and_kill  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from astarpo import ValuesConfig, compute_values  # noqa: E402
+from astarpo import EvalConfig, ValuesConfig, compute_values  # noqa: E402
+from astarpo.cli import main  # noqa: E402
+from astarpo.evaluate import run_eval  # noqa: E402
 
 ENGINE = ["--engine", "vllm", "--vllm-enforce-eager", "--vllm-kv-cache-gb", "0.25", "--max-prompt-tokens", "64",
           "--max-new-tokens", "8"]
@@ -43,13 +45,14 @@ def work(tmp_path_factory) -> Path:
 def stage1(work) -> Path:
     """Stage 1 in two processes with vLLM, then the same in one: row for row the same file. Its rewards are then
     replaced by varied ones (the tiny model earns none, so there would be no gradient) for the training tests."""
-    args = ["--model", str(work / "model"), *ENGINE, "--limit", "12", "--n", "3", "--shard-size", "2"]
+    args = ["--model", str(work / "model"), *ENGINE, "--limit", "12", "--n", "3", "--shard-size", "2",
+            "--save-responses"]
     launch("ddp", ["values", *args, "--output", "two.parquet"], work)
     one = compute_values(ValuesConfig(model=str(work / "model"), engine="vllm", vllm_enforce_eager=True,
                                       vllm_kv_cache_gb=0.25, max_prompt_tokens=64, max_new_tokens=8, limit=12, n=3,
-                                      shard_size=2, output=str(work / "one.parquet")))
+                                      shard_size=2, save_responses=True, output=str(work / "one.parquet")))
     two = pd.read_parquet(work / "two.parquet")
-    assert len(two) == 12 and two.equals(pd.read_parquet(one))
+    assert len(two) == 12 and two.equals(pd.read_parquet(one))  # ids, rewards, lengths and response texts
     table = pq.read_table(work / "two.parquet")
     varied = pa.array([[-(i % 5) / 4, 0.0, -1.0] for i in range(table.num_rows)], pa.list_(pa.float64()))
     pq.write_table(table.set_column(table.column_names.index("rewards"), "rewards", varied), work / "v.parquet")
@@ -67,13 +70,24 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero3"])
-def test_astarpo_with_an_engine_in_every_process_trains_and_resumes(strategy, work, stage1):
+def test_stage1_with_one_engine_over_two_processes(work, stage1):
+    """One tensor-parallel engine over both processes samples the same rows as one process's engine."""
+    args = ["--model", str(work / "model"), *ENGINE, "--limit", "12", "--n", "3", "--shard-size", "2",
+            "--save-responses", "--vllm-tensor-parallel-size", "2"]
+    launch("ddp", ["values", *args, "--output", "tp2.parquet"], work)
+    assert pd.read_parquet(work / "tp2.parquet").equals(pd.read_parquet(work / "one.parquet"))
+    launch("ddp", ["values", *args, "--output", "tp2-again.parquet"], work)  # the engine's shared memory was freed
+
+
+@pytest.mark.parametrize("strategy,tensor_parallel", [("ddp", 1), ("fsdp2", 1), ("zero3", 1), ("fsdp2", 2)])
+def test_astarpo_with_an_engine_in_every_process_trains_and_resumes(strategy, tensor_parallel, work, stage1):
     """Killed once its first checkpoint exists, then run again: it resumes, and every step's responses were
-    sampled by engines holding the policy (the engines' log-probs equal the training model's)."""
-    run = work / strategy
-    launch_and_kill(strategy, _train(work, run.name), work, until=run / "checkpoints" / "step-000001")
-    assert "resumed from" in launch(strategy, _train(work, run.name), work)
+    sampled by engines holding the policy (the engines' log-probs equal the training model's). With
+    ``tensor_parallel`` 2 both processes run one engine, which samples both processes' prompts."""
+    run = work / f"{strategy}-tp{tensor_parallel}"
+    args = _train(work, run.name, "--vllm-tensor-parallel-size", str(tensor_parallel))
+    launch_and_kill(strategy, args, work, until=run / "checkpoints" / "step-000001")
+    assert "resumed from" in launch(strategy, args, work)
     metrics = _metrics(run)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["sampler_logp_diff_max"] < 1e-3 for m in metrics), [m["sampler_logp_diff_max"] for m in metrics]
@@ -90,3 +104,29 @@ def test_lora_with_an_engine_in_every_process_under_zero2(work, stage1):
     adapter = load_file(run / "final" / "adapter_model.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapters trained
     assert torch.isfinite(torch.tensor([m["loss"] for m in metrics])).all()
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_eval_is_data_parallel(tensor_parallel, work):
+    """`astarpo eval` in two processes, with two engines (each scores half the prompts) or one engine over both:
+    every prompt's greedy answer and the greedy figures equal one process's; rank 0 writes the result."""
+    args = ["eval", "--model", str(work / "model"), *ENGINE, "--limit", "6", "--k", "2"]
+    launch("ddp", [*args, "--vllm-tensor-parallel-size", str(tensor_parallel), "--output", f"e{tensor_parallel}.json"],
+           work)
+    one = work / "e-one.json"
+    if not one.exists():
+        run_eval(EvalConfig(model=str(work / "model"), engine="vllm", vllm_enforce_eager=True, vllm_kv_cache_gb=0.25,
+                            max_prompt_tokens=64, max_new_tokens=8, limit=6, k=2, output=str(one)))
+    a, b = json.loads(one.read_text()), json.loads((work / f"e{tensor_parallel}.json").read_text())
+    assert a["samples"] == b["samples"] and a["prompts"] == b["prompts"] == 6
+    assert (a["accuracy"], a["mean_response_tokens"]) == (b["accuracy"], b["mean_response_tokens"])
+    assert 0 <= b["avg_at_k"] <= b["pass_at_k"] <= 1
+
+
+def test_one_engine_over_several_processes_needs_a_launch(work, stage1, monkeypatch, capsys):
+    """Training pushes the policy into every process's part of the engine: a single process is refused before
+    any model loads, with the launch line to use."""
+    monkeypatch.chdir(work)
+    assert main(_train(work, "alone", "--vllm-tensor-parallel-size", "2")) == 2
+    assert "runs one engine over 2 processes of a launch" in capsys.readouterr().err
+    assert not (work / "alone" / "checkpoints").exists()
