@@ -130,3 +130,16 @@ def test_one_engine_over_several_processes_needs_a_launch(work, stage1, monkeypa
     assert main(_train(work, "alone", "--vllm-tensor-parallel-size", "2")) == 2
     assert "runs one engine over 2 processes of a launch" in capsys.readouterr().err
     assert not (work / "alone" / "checkpoints").exists()
+
+
+def test_stage1_resumes_when_only_some_processes_have_shards_left(work, stage1):
+    """Killed when process 0 had written all its shards: on the resume only process 1 has shards to sample, but
+    every process starts its engine (the start is collective over the launch), and the file is the uninterrupted
+    one."""
+    args = ["values", "--model", str(work / "model"), *ENGINE, "--limit", "12", "--n", "3", "--shard-size", "2",
+            "--save-responses", "--output", "resumed.parquet"]
+    shards = work / "resumed.parquet.shards"
+    launch_and_kill("ddp", args, work, until=shards / "shard-00004.parquet")  # process 0's last shard
+    (shards / "shard-00001.parquet").unlink(missing_ok=True)  # process 1's first: it surely has work left
+    launch("ddp", args, work)
+    assert pd.read_parquet(work / "resumed.parquet").equals(pd.read_parquet(work / "one.parquet"))
