@@ -97,6 +97,24 @@ def test_the_hybrid_engine_is_counted_beside_the_trainer():
     assert out["fsdp2"]["peak"] == awake["peak"]
 
 
+def test_one_engine_over_several_gpus_holds_a_share_of_the_weights():
+    """Tensor parallelism splits the engine's weights (hand-counted for Qwen2.5-1.5B over 2 GPUs: each layer's
+    q and o projections, the MLP and the embeddings halved, its 2 key/value heads one per GPU, norms whole) and
+    holds the KV cache of both GPUs' sequences with half the heads each; over 4 GPUs the 2 key/value heads are
+    replicated, so each GPU keeps one head of 4 GPUs' sequences: twice one engine per GPU."""
+    s = QWEN25["qwen2.5-1.5b"]
+    h, m, v, hd = 1536, 8960, 151936, 128
+    layer = h * 768 + 2 * h * hd + 768 * h + 3 * h * m // 2 + (768 + 2 * hd) + 2 * h
+    assert s.engine_params_per_gpu(2) == 28 * layer + v * h // 2 + h
+    assert s.engine_params_per_gpu(1) == s.params()
+    one, two, four = (plan(s, 4, "fsdp2", engine="vllm", engine_tensor_parallel=t) for t in (1, 2, 4))
+    assert two["engine_weights"] == 2 * s.engine_params_per_gpu(2) < one["engine_weights"] / 1.9
+    assert two["engine_kv_cache"] == one["engine_kv_cache"] and four["engine_kv_cache"] == 2 * one["engine_kv_cache"]
+    out = _cli_json(["plan", "--model", "qwen2.5-1.5b", "--gpus", "4", "--strategy", "fsdp2", "--engine", "vllm",
+                     "--engine-tensor-parallel-size", "2"])
+    assert out["fsdp2"]["engine_weights"] == two["engine_weights"]
+
+
 def _cli_json(argv: list[str]) -> dict:
     """Run ``astarpo`` with ``--json`` to a temporary file (the table to a discarded stdout); the file's JSON."""
     import contextlib

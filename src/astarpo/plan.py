@@ -73,6 +73,20 @@ class Shape:
     def lora_params(self, rank: int) -> int:
         return self.layers * sum(rank * (i + o) for i, o in self.linears())
 
+    def kv_heads_per_gpu(self, tensor_parallel: int) -> int:
+        """Key/value heads on each GPU of a tensor-parallel vLLM engine: split, or replicated once there are fewer
+        heads than GPUs (vLLM's QKVParallelLinear)."""
+        return max(1, self.kv_heads // tensor_parallel)
+
+    def engine_params_per_gpu(self, tensor_parallel: int) -> int:
+        """Weights on each GPU of a vLLM engine over ``tensor_parallel`` GPUs: the linear layers and the
+        (vocabulary-parallel) embeddings split, key/value projections split or replicated, norms whole."""
+        t, h = tensor_parallel, self.hidden
+        kv = self.kv_heads_per_gpu(t) * (self.head_dim or h // self.heads)
+        q, m = self.q_dim // t, self.intermediate // t
+        linear = h * q + 2 * h * kv + q * h + 3 * h * m + ((q + 2 * kv) if self.qkv_bias else 0)
+        return self.layers * (linear + 2 * h) + -(-self.embedding_params() // t) + h
+
 
 # From the models' config.json on the Hugging Face hub (the Instruct models share their base model's shape).
 QWEN25 = {
@@ -116,7 +130,7 @@ def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, p
          response_tokens: int = 1024, gradient_checkpointing: bool = True, chunked_logits: bool = True,
          lora_rank: int = 0, generation_batch: int = 256, batch: int = 256, group_size: int = 1,
          gather_for_generation: bool = True, engine: str = "hf", engine_bytes: int = 2,
-         sleep_mode: bool = True) -> dict[str, float]:
+         sleep_mode: bool = True, engine_tensor_parallel: int = 1) -> dict[str, float]:
     """Per-GPU bytes by component, and ``peak``: the sum of the states plus the largest transient phase.
     Each GPU generates its ``batch * group_size / gpus`` sequences, ``generation_batch`` at a time (HF generate).
 
@@ -124,7 +138,10 @@ def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, p
     weights (``engine_bytes`` per parameter: 2 for bfloat16) and the KV cache of all this GPU's sequences at once.
     With ``sleep_mode`` the engine frees both during the update and holds them only while generating, so it
     competes with the trainer's transient phases instead of adding to them. vLLM itself reserves its
-    ``gpu_memory_utilization`` share of the GPU, which must cover these two terms (plus its activations)."""
+    ``gpu_memory_utilization`` share of the GPU, which must cover these two terms (plus its activations).
+    ``engine_tensor_parallel`` t: one engine over t GPUs (``vllm_tensor_parallel_size``) holds a t-th of the
+    weights per GPU (:meth:`Shape.engine_params_per_gpu`) and the KV cache of all t GPUs' sequences, its heads
+    split t ways (replicated where there are fewer key/value heads than GPUs)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
     P, N = s.params(), gpus
@@ -177,8 +194,11 @@ def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, p
     mine = -(-batch * group_size // gpus)  # this GPU's sequences per step
     states = out["weights"] + out["gradients"] + out["optimizer"] + out["reference"]
     if engine == "vllm":  # the engine samples; the trainer holds nothing extra for it
-        out["engine_weights"] = engine_bytes * P
-        out["engine_kv_cache"] = mine * (prompt_tokens + response_tokens) * s.layers * 2 * s.kv_dim * engine_bytes
+        t = engine_tensor_parallel
+        out["engine_weights"] = engine_bytes * s.engine_params_per_gpu(t)
+        head_dim = s.kv_dim // s.kv_heads
+        out["engine_kv_cache"] = (t * mine * (prompt_tokens + response_tokens) * s.layers * 2 * head_dim
+                                  * s.kv_heads_per_gpu(t) * engine_bytes)
         out["generation"] = out["engine_weights"] + out["engine_kv_cache"]
         awake = 0 if sleep_mode else out["generation"]  # held through the update too, without sleep mode
         out["peak"] = states + awake + max(out["micro_batch"], out["optimizer_step"], out["generation"] - awake)
@@ -232,6 +252,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="vllm: the engine's weights and KV cache (astarpo train's vllm_dtype, default its dtype)")
     p.add_argument("--no-sleep-mode", dest="sleep_mode", action="store_false",
                    help="vllm: the engine keeps its weights and KV cache through the update")
+    p.add_argument("--engine-tensor-parallel-size", type=int, default=1, metavar="T",
+                   help="vllm: GPUs per engine (astarpo train's vllm_tensor_parallel_size)")
     p.add_argument("--json", metavar="FILE", help="also write the figures (bytes, or hours and assumptions) as JSON")
     t = p.add_argument_group("--time: hours per method (defaults: the paper's MATH recipe, configs/paper)")
     t.add_argument("--time", action="store_true", help="hours of a training recipe per method instead of memory")
@@ -252,10 +274,14 @@ def run(a: argparse.Namespace) -> str:
     """The memory table for parsed ``astarpo plan`` flags (``--time``: :func:`astarpo.cost.run`)."""
     if a.gpus < 1:
         raise ConfigError(f"gpus must be >= 1, got {a.gpus}")
+    if a.engine_tensor_parallel_size < 1 or a.gpus % a.engine_tensor_parallel_size:
+        raise ConfigError(f"engine_tensor_parallel_size must divide gpus ({a.gpus}), got "
+                          f"{a.engine_tensor_parallel_size}")
     kw = dict(micro_batch=a.micro_batch, prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens,
               gradient_checkpointing=a.gradient_checkpointing, lora_rank=a.lora_rank, batch=a.batch,
               generation_batch=a.generation_batch, gather_for_generation=a.gather_for_generation, engine=a.engine,
-              engine_bytes=2 if a.engine_dtype == "bfloat16" else 4, sleep_mode=a.sleep_mode)
+              engine_bytes=2 if a.engine_dtype == "bfloat16" else 4, sleep_mode=a.sleep_mode,
+              engine_tensor_parallel=a.engine_tensor_parallel_size)
     strategies = tuple(a.strategy or STRATEGIES)
     s = shape_of(a.model)
     if a.json:  # the raw figures beside the printed table, as `astarpo bench --json FILE`
