@@ -182,13 +182,13 @@ def _colocated(tensor_parallel_size: int) -> dict[str, Any]:
     state = PartialState()
     os.environ.update(RANK=str(state.process_index), LOCAL_RANK=str(state.local_process_index),
                       WORLD_SIZE=str(state.num_processes))
-    if tensor_parallel_size > 1:
+    if tensor_parallel_size > 1 and not torch.cuda.is_available():
         _remove_cpu_shm(tensor_parallel_size)  # a killed run's, which would stop this engine from starting
     return {"distributed_executor_backend": "external_launcher"}
 
 
 def _remove_cpu_shm(tensor_parallel_size: int) -> None:
-    """Remove this process's shared-memory file of vLLM's CPU tensor-parallel communicator, if there is one.
+    """Remove this process's shared-memory file of the tensor-parallel communicator of vLLM's CPU build, if any.
 
     Under the external launcher its name is the same in every run (``<...>-[<the group's ranks>]-cpushm_<rank in
     the group>`` in /dev/shm: vLLM names it after the port of its own launcher, and this one has none) and vLLM
@@ -235,7 +235,7 @@ def release_engines() -> None:
 
     tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
     parallel_state.destroy_model_parallel()
-    if tensor_parallel_size > 1:
+    if tensor_parallel_size > 1 and not torch.cuda.is_available():
         _remove_cpu_shm(tensor_parallel_size)  # every process of the engine has mapped it: the mapping stays
     if parallel_state._WORLD is not None:  # vLLM's world coordinator: its own subgroups of the launch's group
         parallel_state._WORLD.destroy()

@@ -10,9 +10,9 @@ Work is done in shards of prompts, each written atomically and seeded by its own
 restarted with the same settings skips finished shards and ends with exactly the rows of an uninterrupted run.
 Under ``accelerate launch`` shard k is sampled by process k % world_size (by engine k % engines when several
 processes run one vLLM engine) and rank 0 merges the shards; since a shard's samples depend only on its seed, the
-file is the same whatever the number of processes. Sampling needs no
-gradients or optimizer state, so under an FSDP2 or DeepSpeed config each process still holds a whole copy of the
-reference (in bfloat16, 15 GB for a 7B model) and samples its shards alone.
+file is the same whatever the number of processes. Sampling needs no gradients or optimizer state, so under an
+FSDP2 or DeepSpeed config each process still holds a whole copy of the reference (in bfloat16, 15 GB for a 7B
+model) and samples its shards alone.
 
 Adaptive Stage 1 (``adaptive=True``, 0/1 rewards) samples in rounds of ``round_size`` and stops drawing for a
 prompt once :func:`adaptive_stop` says its V* is settled, or at ``n_max``. Rows then hold different numbers of
