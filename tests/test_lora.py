@@ -54,3 +54,27 @@ def test_bf16_autocast_and_gradient_checkpointing_keep_fp32_weights(tiny_model, 
     metrics = trainer.train()
     assert metrics["loss"] == metrics["loss"]
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+
+
+def test_the_engine_gets_the_merged_weights_and_the_model_stays_as_it_was(tiny_model):
+    """What a vLLM engine is sent for a LoRA policy: every base weight with W + scaling * B A merged in (as peft's
+    merge_and_unload computes it), under the base checkpoint's names, no adapter matrices, and the model's own
+    tensors untouched (no merge and unmerge round trip)."""
+    import copy
+
+    from astarpo.engines import policy_weights
+    from astarpo.models import add_lora
+
+    model = add_lora(load_model(tiny_model), rank=4, alpha=8, target_modules="all-linear")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # peft starts B at zero, which would make the merge a no-op
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sent = dict(policy_weights(model))
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert sent.keys() == expected.keys()
+    assert all(torch.allclose(sent[k], expected[k], atol=1e-6) for k in expected)
+    assert any(not torch.allclose(sent[k], load_model(tiny_model).state_dict()[k]) for k in sent)  # B A merged
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

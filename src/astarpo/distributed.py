@@ -91,7 +91,7 @@ def strategy(acc: Accelerator) -> str:
     return "ddp" if acc.num_processes > 1 else "single"
 
 
-def check_supported(acc: Accelerator, *, critic: bool, engine: str, lora: bool, tensor_parallel: int = 1) -> None:
+def check_supported(acc: Accelerator, *, critic: bool, engine: str, tensor_parallel: int = 1) -> None:
     """Refuse, before any model loads, what the strategy cannot do yet."""
     name = strategy(acc)
     if engine == "vllm" and tensor_parallel > 1 and acc.num_processes == 1:
@@ -106,10 +106,6 @@ def check_supported(acc: Accelerator, *, critic: bool, engine: str, lora: bool, 
     if name == "zero3" and importlib.util.find_spec("trl") is None:
         raise StrategyError("sampling under ZeRO-3 gathers the weights with TRL's unwrap_model_for_generation: "
                             "pip install 'astarpo[deepspeed]' (or trl)")
-    if engine != "hf" and lora and name in ("fsdp2", "zero3"):
-        raise StrategyError(f"LoRA with --engine {engine} pushes the merged weights (W + BA) into the engine, "
-                            f"which peft merges only in whole weights, and {name} keeps them sharded; use DDP or "
-                            "ZeRO-2 for LoRA with vllm, or --engine hf")
 
 
 def prepare_reference(acc: Accelerator, model: Any) -> Any:

@@ -112,18 +112,47 @@ def import_vllm() -> Any:
 
 
 def policy_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights of ``model`` under the names of its Hugging Face checkpoint (what vLLM's loaders read).
+    """The weights of ``model``, whole, under the names of its Hugging Face checkpoint (what vLLM's loaders read).
 
-    A peft model must have its adapters merged first (:meth:`VLLMSampler.load_weights` does): then each wrapped
-    layer's ``base_layer`` holds W + BA, and the adapter matrices themselves are left out.
+    A peft (LoRA) model's adapted layers are merged on the way, one layer at a time: W + scaling * B A from the
+    base weight and the active adapter's matrices as :func:`whole_weights` hands them over (gathered from FSDP2's
+    and ZeRO-3's shards one tensor at a time), so the model itself is never changed. peft's own merge_adapter and
+    unmerge_adapter would change it in place (W + BA - BA drifts in floating point, step after step) and cannot
+    merge sharded weights. The other adapters' matrices are left out.
     """
-    is_peft = hasattr(model, "peft_config")
-    for name, tensor in whole_weights(model):  # gathered one tensor at a time under FSDP2 and ZeRO-3
-        if is_peft:
-            if "lora_" in name:
-                continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        yield name, tensor
+    if not hasattr(model, "peft_config"):
+        yield from whole_weights(model)
+        return
+    adapter = model.active_adapter
+    parts: dict[str, dict[str, torch.Tensor]] = {}  # adapted layer -> its base weight, A and B seen so far
+    for name, tensor in whole_weights(model):
+        layer, kind = _lora_part(name, adapter)
+        if kind is None:
+            if "lora_" not in name:
+                yield _checkpoint_name(name), tensor
+            continue
+        got = parts.setdefault(layer, {})
+        got[kind] = tensor
+        if len(got) == 3:  # the layer's base weight, A and B: merged in float32, in the base weight's dtype
+            scaling = model.get_submodule(layer).scaling[adapter]
+            merged = got["W"].float() + scaling * (got["B"].float() @ got["A"].float())
+            yield _checkpoint_name(layer + ".weight"), merged.to(got["W"].dtype)
+            del parts[layer]
+
+
+def _lora_part(name: str, adapter: str) -> tuple[str, str | None]:
+    """(the adapted layer, "W" | "A" | "B") for a LoRA layer's base weight or the adapter's matrices, else
+    (name, None)."""
+    for suffix, kind in ((".base_layer.weight", "W"), (f".lora_A.{adapter}.weight", "A"),
+                         (f".lora_B.{adapter}.weight", "B")):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), kind
+    return name, None
+
+
+def _checkpoint_name(name: str) -> str:
+    """A peft model's parameter name as the base model's checkpoint has it."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 @dataclass(frozen=True)
@@ -335,19 +364,12 @@ class VLLMSampler:
         """Copy the weights of ``model`` into the engine, in place (vLLM repacks them for its kernels), and drop
         the prefix cache, whose keys and values the old weights computed.
 
-        A peft (LoRA) model is merged for the copy and unmerged after it. TRL's colocated path
+        A peft (LoRA) model's layers are merged on the way (:func:`policy_weights`). TRL's colocated path
         (``model.load_weights``) fails on the CPU build, whose linear weights are repacked for oneDNN; the
         worker's ``reload_weights`` with a weights iterator works on both builds. (Its ``weights_path`` form
         loads something else: not used.)
         """
-        is_peft = hasattr(model, "merge_adapter")
-        if is_peft:
-            model.merge_adapter()
-        try:
-            self._reload(policy_weights(model))
-        finally:
-            if is_peft:
-                model.unmerge_adapter()
+        self._reload(policy_weights(model))
         self.weights_replaced = True
 
     def load_weights_from(self, model_dir: str | Path) -> None:

@@ -73,7 +73,7 @@ class Trainer:
         self.objective = OBJECTIVES[cfg.algo](cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size,
                                               gae_lambda=cfg.gae_lambda, all_sum=lambda t: all_sum(acc, t),
                                               tis_cap=cfg.tis_cap)
-        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine, lora=cfg.lora_rank > 0,
+        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine,
                         tensor_parallel=cfg.vllm_tensor_parallel_size)
         self.model_dir = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
