@@ -160,6 +160,8 @@ def test_entropy_coef_lowers_each_prompts_loss_by_coef_times_its_mean_token_entr
     assert len(per_prompt) == 6 and (per_prompt > 0).all()
     assert runs[0.5]["loss"] == pytest.approx(runs[0.0]["loss"] - 0.5 * float(per_prompt.mean()), rel=1e-5)
     assert runs[0.0]["reward"] == runs[0.5]["reward"]  # the same samples
+    assert runs[0.5]["entropy"] == pytest.approx(float(per_prompt.mean()), rel=1e-6)  # logged as its own metric
+    assert "entropy" not in runs[0.0]
 
 
 def test_cli_end_to_end(tiny_chat_model, tmp_path, capsys):

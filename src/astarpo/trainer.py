@@ -48,10 +48,12 @@ class TrainError(RuntimeError):
 
 @dataclass
 class UpdateStats:
-    """What one step's updates leave for the metrics: per-prompt losses [prompts] and the mean gradient norm."""
+    """What one step's updates leave for the metrics: per-prompt losses [prompts], the mean gradient norm, and with
+    an entropy bonus each prompt's mean token entropy [prompts] (as the bonus saw it)."""
 
     losses: torch.Tensor
     grad_norm: float
+    entropies: torch.Tensor | None = None
 
 
 class Trainer:
@@ -131,8 +133,9 @@ class Trainer:
         per_sample = all_rows(acc, torch.stack(list(columns.values()), 1)[valid.repeat_interleave(G)])
         losses = all_rows(acc, stats.losses[valid])
         tokens = float(all_sum(acc, torch.tensor(float(sum(roll.lengths)))))
+        entropy = {} if stats.entropies is None else {"entropy": float(all_rows(acc, stats.entropies[valid]).mean())}
         seconds = time.perf_counter() - t0
-        return {**step_metrics(dict(zip(columns, per_sample.T)), losses), "grad_norm": stats.grad_norm,
+        return {**step_metrics(dict(zip(columns, per_sample.T)), losses), **entropy, "grad_norm": stats.grad_norm,
                 "skipped_samples": (len(batch) - len(losses)) * G, "samples": len(batch) * G,
                 "generation_seconds": round(gen_seconds, 3), "step_seconds": round(seconds, 3),
                 "tokens_per_second": tokens / seconds, "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -183,6 +186,7 @@ class Trainer:
             raise TrainError("the reward failed for every sample of this step")
         first_from_forward = "old_logp" not in obj.inputs
         losses, grad_norms = torch.zeros(len(valid)), []
+        entropies = torch.zeros(len(valid)) if self.cfg.entropy_coef > 0 else None
         per_micro = max(1, self.cfg.micro_batch_size // G)  # whole groups: a prompt's loss needs all of its samples
         for k, (prompts, count) in enumerate(zip(minis, counts.tolist())):
             if count == 0:
@@ -202,12 +206,14 @@ class Trainer:
                     mb = data.rows(rows, logp.shape[1], logp=logp, values=values)
                     loss = obj.loss(mb)
                     if entropy is not None:  # the official A*-PO code's entropy bonus
-                        loss = loss - self.cfg.entropy_coef * entropy_bonus(entropy.float().cpu(), mb.mask, G)
+                        bonus = entropy_bonus(entropy.float().cpu(), mb.mask, G)
+                        loss = loss - self.cfg.entropy_coef * bonus
+                        entropies[sub] = bonus.detach()
                     loss = loss * valid[sub]
                     learner.backward(loss.sum() * acc.num_processes / count)
                 losses[sub] = loss.detach()
             grad_norms.append(learner.step())
-        return UpdateStats(losses, sum(grad_norms) / len(grad_norms))
+        return UpdateStats(losses, sum(grad_norms) / len(grad_norms), entropies)
 
     def _ready_to_sample(self) -> contextlib.AbstractContextManager:
         """HF generate samples from the policy itself, which FSDP2 and ZeRO-3 prepare for it; an engine with its
