@@ -134,7 +134,8 @@ QWEN15 = QWEN25["qwen2.5-1.5b"]
 
 
 def test_time_json_has_every_method_with_its_breakdown_and_the_assumptions():
-    out = _cli_json(["plan", "--model", "qwen2.5-1.5b", "--gpus", "4", "--time"])
+    out = _cli_json(["plan", "--model", "qwen2.5-1.5b", "--time"])
+    assert out["assumptions"]["recipe"]["gpus"] == 4  # the paper's recipe, whose GPUs --gpus overrides
     assert set(out) == {"methods", "assumptions"}
     assert {"astarpo", "grpo", "ppo", "rebel"} <= set(out["methods"])
     for m in out["methods"].values():

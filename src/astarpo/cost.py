@@ -232,7 +232,8 @@ def run(a: argparse.Namespace) -> str:
         if value is not None and (a.device == "cpu" or not 0 < value <= 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1] and is for a GPU device")
     device = CPU if a.device == "cpu" else gpu(a.device, a.mfu or TRAIN_MFU, a.decode_efficiency or DECODE_EFFICIENCY)
-    recipe = Recipe(gpus=a.gpus, prompts=a.prompts, epochs=a.epochs, batch=a.batch, mini_batch=a.mini_batch,
+    recipe = Recipe(gpus=Recipe.gpus if a.gpus is None else a.gpus, prompts=a.prompts, epochs=a.epochs,
+                    batch=a.batch, mini_batch=a.mini_batch,
                     prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens, stage1_n=a.n,
                     generation_batch=a.generation_batch, gradient_checkpointing=a.gradient_checkpointing,
                     group_sizes=_pairs(a.group_size, int, "--group-size"),

@@ -235,7 +235,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``astarpo plan``: memory per GPU, or with ``--time`` hours per method."""
     p.add_argument("--model", required=True,
                    help="qwen2.5-1.5b|3b|7b, smollm2-135m (or their hub ids) or a local HF directory")
-    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus", type=int, help="default 8; with --time the paper's recipe's 4")
     p.add_argument("--strategy", choices=STRATEGIES, action="append", help="repeat for several (default: all)")
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
@@ -272,6 +272,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> str:
     """The memory table for parsed ``astarpo plan`` flags (``--time``: :func:`astarpo.cost.run`)."""
+    a.gpus = 8 if a.gpus is None else a.gpus
     if a.gpus < 1:
         raise ConfigError(f"gpus must be >= 1, got {a.gpus}")
     if a.engine_tensor_parallel_size < 1 or a.gpus % a.engine_tensor_parallel_size:
