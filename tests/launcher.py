@@ -48,17 +48,28 @@ def command(strategy: str, args: list[str], log_dir: Path) -> list[str]:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """The launcher and every worker: torchrun's workers outlive a killed launcher."""
+    """The launcher and every worker: torchrun's workers outlive a killed launcher. The shared-memory files they had
+    mapped (a vLLM engine's message queue and CPU communicator) are removed too: a killed process cannot, and each
+    would stay in /dev/shm until the machine restarts."""
     try:
         procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return
+    shared = set()
+    for p in procs:
+        try:
+            shared |= {m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/")}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     for p in procs:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
     proc.wait()
+    psutil.wait_procs(procs, timeout=10)
+    for path in shared:
+        Path(path).unlink(missing_ok=True)
 
 
 def _log_dir(cwd: Path, strategy: str, args: list[str]) -> Path:
