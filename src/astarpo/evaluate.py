@@ -142,6 +142,7 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
     """
     out = Path(cfg.output)
     parts = out.with_name(out.name + ".parts")
+    main = PartialState().is_main_process  # the one process that writes
     model_dir = resolve_model(cfg.model)
     reference = _reference(cfg, model_dir)
     template = None if cfg.prompt_template == "{prompt}" else cfg.prompt_template
@@ -174,7 +175,6 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             prompts[name] = (kept, prompt_ids, len(records) - len(kept))
         model, ref_model = _load_models(cfg, model_dir, reference)
         sampler = make_sampler(cfg, model_dir, tokenizer, model)
-        main = PartialState().is_main_process
         if main:
             parts.mkdir(parents=True, exist_ok=True)
         for name in todo:
@@ -190,7 +190,7 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
     benchmarks = {name: done[name] for name in cfg.benchmark_names}
     summary = {"model": cfg.model, "reference": reference, "k": cfg.k, "settings": settings, "benchmarks": benchmarks,
                "average": sum(reported(r) for r in benchmarks.values()) / len(benchmarks)}
-    if PartialState().is_main_process:
+    if main:
         write_json_atomic(out, summary)
         write_text_atomic(out.with_suffix(".md"), markdown_table(summary))
         shutil.rmtree(parts, ignore_errors=True)

@@ -48,12 +48,17 @@ class Shape:
     head_dim: int | None = None
 
     @property
+    def head_size(self) -> int:
+        """Each attention head's width: ``head_dim`` where the config sets it, else hidden / heads."""
+        return self.head_dim or self.hidden // self.heads
+
+    @property
     def kv_dim(self) -> int:
-        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+        return self.kv_heads * self.head_size
 
     @property
     def q_dim(self) -> int:
-        return self.heads * (self.head_dim or self.hidden // self.heads)
+        return self.heads * self.head_size
 
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of every linear layer of one decoder layer (LoRA's all-linear targets)."""
@@ -82,7 +87,7 @@ class Shape:
         """Weights on each GPU of a vLLM engine over ``tensor_parallel`` GPUs: the linear layers and the
         (vocabulary-parallel) embeddings split, key/value projections split or replicated, norms whole."""
         t, h = tensor_parallel, self.hidden
-        kv = self.kv_heads_per_gpu(t) * (self.head_dim or h // self.heads)
+        kv = self.kv_heads_per_gpu(t) * self.head_size
         q, m = self.q_dim // t, self.intermediate // t
         linear = h * q + 2 * h * kv + q * h + 3 * h * m + ((q + 2 * kv) if self.qkv_bias else 0)
         return self.layers * (linear + 2 * h) + -(-self.embedding_params() // t) + h
@@ -196,8 +201,7 @@ def plan(s: Shape, gpus: int = 8, strategy: str = "ddp", micro_batch: int = 8, p
     if engine == "vllm":  # the engine samples; the trainer holds nothing extra for it
         t = engine_tensor_parallel
         out["engine_weights"] = engine_bytes * s.engine_params_per_gpu(t)
-        head_dim = s.kv_dim // s.kv_heads
-        out["engine_kv_cache"] = (t * mine * (prompt_tokens + response_tokens) * s.layers * 2 * head_dim
+        out["engine_kv_cache"] = (t * mine * (prompt_tokens + response_tokens) * s.layers * 2 * s.head_size
                                   * s.kv_heads_per_gpu(t) * engine_bytes)
         out["generation"] = out["engine_weights"] + out["engine_kv_cache"]
         awake = 0 if sleep_mode else out["generation"]  # held through the update too, without sleep mode
