@@ -19,10 +19,22 @@ def test_six_recipes():
     assert [p.name for p in PAPER] == [f"{t}_qwen2.5-{s}.yaml" for t in ("gsm8k", "math") for s in ("1.5b", "3b", "7b")]
 
 
+@pytest.fixture
+def vllm_installed(monkeypatch):
+    """The recipes sample with vLLM, which a config checks is installed (this environment has none)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: True if name == "vllm" else find_spec(name, *a))
+
+
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
-def test_paper_recipe_settings(path):
+def test_paper_recipe_settings(path, vllm_installed):
     task, size = path.stem.split("_qwen2.5-")
     values, train = build(ValuesConfig, str(path)), build(TrainConfig, str(path))
+    ev = build(EvalConfig, str(path))
+    for cfg in (values, train, ev):  # every command samples with vLLM in bfloat16, sleeping during updates on GPU
+        assert (cfg.engine, cfg.vllm_dtype, cfg.vllm_sleep_mode) == ("vllm", "bfloat16", True)
     for cfg in (values, train):
         assert cfg.model == f"Qwen/Qwen2.5-{size.upper()}" and not cfg.use_chat_template  # base model, raw prompt
         assert (cfg.data, cfg.split, cfg.reward, cfg.prompt_template) == (task, "train", task, PROMPT[task])
@@ -31,7 +43,6 @@ def test_paper_recipe_settings(path):
     assert (train.n, train.beta1, train.beta2, train.learning_rate) == (8, 0.5, 1e-3, 1e-6)
     assert (train.batch_size, train.mini_batch_size, train.steps, train.filter_unsolved) == (256, 128, 725, False)
     assert (train.weight_decay, train.entropy_coef) == (1e-2, 1e-3)  # the official code's AdamW and entropy bonus
-    ev = build(EvalConfig, str(path))
     assert ev.model == f"{Path(train.output_dir)}/final" and not ev.use_chat_template
     assert ev.benchmark_names == (["gsm8k"] if task == "gsm8k" else
                                   ["math500", "minerva_math", "olympiadbench", "amc23", "aime24"])
@@ -43,7 +54,7 @@ def test_paper_recipe_settings(path):
 @pytest.mark.parametrize("path", PAPER[::3], ids=lambda p: p.stem)  # one per task: the sizes differ in model only
 def test_paper_recipe_runs_stage1_and_stage2(path, tiny_model, tmp_path):
     stand_in = {"model": str(tiny_model), "data": "arithmetic", "reward": "arithmetic", "limit": 6,
-                "max_new_tokens": 4, "generation_batch_size": 16}
+                "max_new_tokens": 4, "generation_batch_size": 16, "engine": "hf"}  # no vLLM here
     values = compute_values(build(ValuesConfig, str(path), **stand_in, output=str(tmp_path / "v.parquet")))
     prov = read_values(values).provenance
     assert (prov["n"], prov["use_chat_template"], prov["dtype"], prov["sampler"]["top_k"]) == (8, False, "bfloat16", 0)
