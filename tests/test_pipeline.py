@@ -50,6 +50,34 @@ def test_values_file_contents(tiny_model, tmp_path):
     assert not (tmp_path / "v.parquet.shards").exists()
 
 
+class NoisyJudge(InterruptibleReward):
+    """A stochastic reward drawing from numpy's and Python's global generators (as a sampled judge would; vLLM's
+    CUDA model runner seeds each request from numpy's): a shard's rows are reproducible only if its seed reaches
+    every stream, not torch's alone."""
+
+    reward_name = "noisy"
+
+    def score(self, completion: str) -> float:
+        import random
+
+        import numpy as np
+
+        return float(np.random.rand() < 0.5) + random.random()
+
+
+def test_values_shards_seed_every_stream(tiny_model, tmp_path):
+    """Whatever state the caller's numpy and random are in, the same shards give the same rows."""
+    import random
+
+    import numpy as np
+
+    np.random.seed(1), random.seed(1)
+    first = pd.read_parquet(_values(tiny_model, tmp_path / "a.parquet", reward_fn=NoisyJudge(), limit=10))
+    np.random.seed(2), random.seed(2)
+    second = pd.read_parquet(_values(tiny_model, tmp_path / "b.parquet", reward_fn=NoisyJudge(), limit=10))
+    assert first.equals(second) and first.rewards.map(len).eq(4).all()
+
+
 def test_values_resume_after_interruption_equals_uninterrupted(tiny_model, tmp_path):
     full = read_values(_values(tiny_model, tmp_path / "full.parquet"))
     out = tmp_path / "resumed.parquet"
@@ -108,6 +136,17 @@ def test_train_refuses_mismatched_values_and_run_dirs(tiny_model, tmp_path):
 
     with pytest.raises(OutputError, match="holds a run with other settings \\(beta1: 0.5 -> 1.0\\)"):
         Trainer(_train_cfg(tiny_model, values, tmp_path / "r4", beta1=1.0), reward=DigitReward())
+
+
+def test_resume_refuses_another_engine_layout(tiny_model, tmp_path):
+    """The engine and its tensor-parallel size decide which random stream each process carries in a checkpoint (the
+    processes of one engine must draw alike): a resume cannot change them."""
+    from astarpo.rundir import OutputError
+
+    values = _values(tiny_model, tmp_path / "v.parquet")
+    Trainer(_train_cfg(tiny_model, values, tmp_path / "run"), reward=DigitReward())
+    with pytest.raises(OutputError, match="other settings \\(vllm_tensor_parallel_size: 1 -> 2\\)"):
+        Trainer(_train_cfg(tiny_model, values, tmp_path / "run", vllm_tensor_parallel_size=2), reward=DigitReward())
 
 
 def test_resume_refuses_other_prompt_settings_and_allows_free_ones(tiny_model, tmp_path):

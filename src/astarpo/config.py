@@ -66,18 +66,22 @@ class CommonConfig:
     generation_batch_size: int = field(default=64, metadata=_free("sequences per generate() call"))
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (weights)"})
     trust_remote_code: bool = field(default=False, metadata=_free())
-    engine: str = field(default="hf", metadata=_free(
-        "generation engine: hf (transformers generate) | vllm (pip install 'astarpo[vllm]'; README)"))
+    # engine and vllm_tensor_parallel_size decide which random stream each process draws from (a checkpoint holds
+    # every process's): a resume must keep them, or the processes of one engine would carry different streams
+    engine: str = field(default="hf", metadata={
+        "help": "generation engine: hf (transformers generate) | vllm (pip install 'astarpo[vllm]'; README)"})
     vllm_gpu_memory_utilization: float | None = field(default=None, metadata=_free(
-        "vllm: share of GPU memory for the engine's weights and KV cache (unless vllm_kv_cache_gb is set); default "
-        "0.9 for values and eval, 0.3 for train, where the engine shares each GPU with the policy (TRL's colocate "
-        "default); `astarpo plan --engine vllm` gives what it must hold"))
+        "vllm: share of GPU memory for the engine's weights and KV cache (vllm_kv_cache_gb, if set, sizes the KV "
+        "cache inside it); default 0.9 for values, 0.3 for train, where the engine shares each GPU with the policy "
+        "(TRL's colocate default), and for eval what the model and its reference leave; `astarpo plan --engine "
+        "vllm` gives what it must hold"))
     vllm_sleep_mode: bool = field(default=True, metadata=_free(
         "vllm on GPU: train puts the engine to sleep for every update (its weights and KV cache freed) and wakes it "
         "for generation; vLLM's CPU build has no sleep mode (ignored there)"))
-    vllm_tensor_parallel_size: int = field(default=1, metadata=_free("vllm: GPUs (processes of a launch) per engine"))
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs (processes of a launch) per "
+                                                                        "engine"})
     vllm_kv_cache_gb: float | None = field(default=None, metadata=_free(
-        "vllm: KV cache size in GiB (default: from vllm_gpu_memory_utilization on GPU, 4 on CPU)"))
+        "vllm: KV cache size in GiB, inside the engine's share (default: what the share leaves on GPU, 4 on CPU)"))
     vllm_enforce_eager: bool = field(default=False, metadata=_free(
         "vllm: no torch.compile or CUDA graphs (start-up in seconds, slower decoding)"))
     vllm_dtype: str | None = field(default=None, metadata=_free(
