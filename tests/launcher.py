@@ -40,11 +40,13 @@ def rank_logs(log_dir: Path, lines: int = 40) -> str:
     return "\n".join(out) or f"(no per-rank logs under {log_dir})"
 
 
-def command(strategy: str, args: list[str], log_dir: Path) -> list[str]:
-    """``astarpo ARGS`` in two processes under the shipped accelerate config of ``strategy``."""
+def command(strategy: str, args: list[str], log_dir: Path, script: Path | None = None) -> list[str]:
+    """``astarpo ARGS`` (or ``python SCRIPT ARGS``) in two processes under the shipped accelerate config of
+    ``strategy``."""
     config = ROOT / "configs" / "accelerate" / f"{strategy}_1node_8gpu.yaml"
+    program = [str(script)] if script is not None else ["-m", "astarpo"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-            "--main_process_port", str(_free_port()), "--log_dir", str(log_dir), "--tee", "3", "-m", "astarpo", *args]
+            "--main_process_port", str(_free_port()), "--log_dir", str(log_dir), "--tee", "3", *program, *args]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -76,10 +78,11 @@ def _log_dir(cwd: Path, strategy: str, args: list[str]) -> Path:
     return cwd / "launch-logs" / f"{next(_launches):02d}-{strategy}-{args[0]}"
 
 
-def launch(strategy: str, args: list[str], cwd: Path, ok: bool = True, env: dict[str, str] | None = None) -> str:
-    """Run ``astarpo ARGS`` in two processes under ``strategy``; its stderr."""
+def launch(strategy: str, args: list[str], cwd: Path, ok: bool = True, env: dict[str, str] | None = None,
+           script: Path | None = None) -> str:
+    """Run ``astarpo ARGS`` (or ``SCRIPT ARGS``) in two processes under ``strategy``; its stderr."""
     logs = _log_dir(cwd, strategy, args)
-    with subprocess.Popen(command(strategy, args, logs), cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
+    with subprocess.Popen(command(strategy, args, logs, script), cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as proc:
         try:
             _, err = proc.communicate(timeout=LIMIT_S)

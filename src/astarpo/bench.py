@@ -37,7 +37,7 @@ import yaml
 from . import __version__, rewards
 from .config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
 from .data import encode_prompts, load_records
-from .engines import make_sampler
+from .engines import COLOCATED_GPU_SHARE, make_sampler
 from .evaluate import evaluate, kl_to_ref
 from .generation import HFSampler, SamplingParams
 from .models import eos_ids, load_model, load_tokenizer, resolve_model
@@ -97,7 +97,8 @@ class _Scorer:
                                                        recipe.use_chat_template, recipe.on_long_prompt)
         self.ref = load_model(self.model_dir).eval()
         self.reward_fn = rewards.resolve(recipe.reward)[1]
-        self.sampler = make_sampler(recipe, self.model_dir, self.tokenizer) if recipe.engine == "vllm" else None
+        self.sampler = (make_sampler(recipe, self.model_dir, self.tokenizer, gpu_share=COLOCATED_GPU_SHARE)
+                        if recipe.engine == "vllm" else None)  # beside the runs it scores
 
     def __call__(self, model_dir: Path | None) -> dict[str, float]:
         model = self.ref if model_dir is None else load_model(model_dir).eval()

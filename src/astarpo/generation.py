@@ -70,7 +70,14 @@ class SamplingParams:
 
 class Sampler(Protocol):
     """A generation engine. Stage 2 calls ``load_weights`` after every optimizer step, so that the next samples
-    come from the updated policy."""
+    come from the updated policy.
+
+    ``uses_policy``: it samples with the policy's own model in this process, so it runs under the policy's
+    autocast and, under FSDP2 or ZeRO-3, with its weights gathered; otherwise it holds a copy of its own, which
+    must run as it is (an engine's kernels under another process's autocast compute in the wrong dtype).
+    """
+
+    uses_policy: bool
 
     def generate(self, prompt_tokens: list[list[int]], n: int, params: SamplingParams,
                  progress: Callable[[int], None] | None = None) -> Rollout:
@@ -92,6 +99,8 @@ class HFSampler:
     In Stage 2 it holds the policy itself, so the weights it samples with are always the current ones and
     ``load_weights`` has nothing to copy.
     """
+
+    uses_policy = True
 
     def __init__(self, model: Any, tokenizer: Any, eos: list[int], batch_size: int = 64) -> None:
         self.model, self.tokenizer, self.eos, self.batch_size = model, tokenizer, eos, batch_size

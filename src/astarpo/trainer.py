@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from .checkpoint import RunState, check_resume
 from .config import TrainConfig, to_dict
 from .data import load_prompts, step_prompts
 from .distributed import all_rows, all_sum, check_supported, make_accelerator, ready_for_generation
-from .engines import engine_share, make_sampler, release_engines
+from .engines import COLOCATED_GPU_SHARE, engine_share, make_sampler, release_engines
 from .evaluate import evaluate
 from .generation import Rollout, SamplingParams, collect
 from .logprobs import collate, response_logprobs, response_logprobs_entropy, token_logprobs
@@ -75,8 +76,7 @@ class Trainer:
         self.objective = OBJECTIVES[cfg.algo](cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size,
                                               gae_lambda=cfg.gae_lambda, all_sum=lambda t: all_sum(acc, t),
                                               tis_cap=cfg.tis_cap)
-        check_supported(acc, critic=self.objective.trains_critic, engine=cfg.engine,
-                        tensor_parallel=cfg.vllm_tensor_parallel_size)
+        check_supported(acc, critic=self.objective.trains_critic)
         self.model_dir = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
         self.records, self.prompt_ids = load_prompts(self.tokenizer, cfg)
@@ -97,7 +97,8 @@ class Trainer:
                                                                    cfg.eval_split, cfg.eval_limit)
         self.models = m = build_training_models(cfg, acc, self.model_dir, self.objective, self.tokenizer)
         self.policy, self.ref, self.critic, self.eos = m.policy, m.ref, m.critic, m.eos
-        self.sampler = make_sampler(cfg, self.model_dir, self.tokenizer, acc.unwrap_model(self.policy))
+        self.sampler = make_sampler(cfg, self.model_dir, self.tokenizer, acc.unwrap_model(self.policy),
+                                    gpu_share=COLOCATED_GPU_SHARE)
         self.params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         self.state = RunState(cfg, acc, self.tokenizer, {
             "reference_model": cfg.model, "reference_model_hash": content_hash(self.model_dir),
@@ -115,7 +116,7 @@ class Trainer:
         prompts = [batch[g] for g in mine]
         engine_size = world // self.share.count
         ours = [g for g in range(len(batch)) if g % world // engine_size == self.share.index]  # my engine's
-        with acc.autocast(), self._ready_to_sample():
+        with self._ready_to_sample():
             roll = collect(self.sampler, [self.records[batch[g]] for g in ours],
                            [self.prompt_ids[batch[g]] for g in ours], G, self.params, self.reward_fn,
                            self.cfg.on_reward_error, keep=[ours.index(g) for g in mine])
@@ -215,17 +216,22 @@ class Trainer:
             grad_norms.append(learner.step())
         return UpdateStats(losses, sum(grad_norms) / len(grad_norms), entropies)
 
-    def _ready_to_sample(self) -> contextlib.AbstractContextManager:
-        """HF generate samples from the policy itself, which FSDP2 and ZeRO-3 prepare for it; an engine with its
-        own whole weights (vLLM) needs nothing from the policy."""
-        if self.cfg.engine != "hf":
-            return contextlib.nullcontext()
-        return ready_for_generation(self.accelerator, self.policy, self.cfg.gather_for_generation)
+    @contextlib.contextmanager
+    def _ready_to_sample(self) -> Iterator[None]:
+        """A sampler that uses the policy itself (HF generate) runs under its autocast, with FSDP2's and ZeRO-3's
+        weights gathered; an engine with its own whole weights (vLLM) needs nothing from the policy and runs as
+        it is."""
+        if not self.sampler.uses_policy:
+            yield
+            return
+        acc = self.accelerator
+        with acc.autocast(), ready_for_generation(acc, self.policy, self.cfg.gather_for_generation):
+            yield
 
     def evaluate(self) -> dict[str, Any]:
         """Greedy accuracy on the held-out prompts (``eval_data``)."""
         acc = self.accelerator
-        with acc.autocast(), self._ready_to_sample():
+        with self._ready_to_sample():
             return evaluate(acc.unwrap_model(self.policy), self.tokenizer, self.eval_records, self.eval_prompt_ids,
                             self.reward_fn, max_new_tokens=self.cfg.max_new_tokens,
                             batch_size=self.cfg.generation_batch_size, on_reward_error=self.cfg.on_reward_error,

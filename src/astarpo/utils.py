@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import Any
 
 import torch
 
@@ -19,3 +20,32 @@ def cpu_processes() -> bool:
     """True when launched as several processes on a machine without CUDA: accelerate then needs ``cpu=True``
     to join them over gloo (otherwise each process would run alone)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random stream a sampler may draw from: torch's CPU generator, each CUDA device's (where CUDA is up),
+    Python's ``random`` and numpy's global generator. vLLM draws from different ones by build and version (its CPU
+    build from torch's generator in this process; on CUDA its model runner seeds each request from numpy's), so a
+    state that leaves one out is not restored."""
+    import random
+
+    import numpy as np
+
+    states: dict[str, Any] = {"torch": torch.random.get_rng_state(), "random": random.getstate(),
+                              "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put back what :func:`rng_states` took."""
+    import random
+
+    import numpy as np
+
+    torch.random.set_rng_state(states["torch"])
+    random.setstate(states["random"])
+    np.random.set_state(states["numpy"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])

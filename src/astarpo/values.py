@@ -35,14 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from . import __version__, rewards
 from .config import CommonConfig, TrainConfig, ValuesConfig
 from .data import load_prompts
 from .distributed import whole_weights_on_every_process
-from .engines import engine_share, make_sampler
+from .engines import EngineShare, engine_share, make_sampler
 from .generation import Sampler, SamplingParams, collect, sampling_settings
 from .models import content_hash, load_model, load_tokenizer, resolve_model, tokenizer_hash
 from .rundir import atomic_path, check_writable, diff_settings
@@ -166,6 +166,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
         _check_finished(out, provenance)
         log.info("%s is already complete", out)
         return out
+    share = engine_share(cfg)  # the engine layout is checked before anything is written
     check_writable(out.parent)
     # Bad data fails here, before anything is written.
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
@@ -175,7 +176,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     n_shards = math.ceil(len(records) / cfg.shard_size)
     start = time.perf_counter()
     _sample_missing_shards(cfg, model_dir, tokenizer, records, prompt_ids, reward_name, reward_fn, shards_dir,
-                           n_shards, state)
+                           n_shards, state, share)
     state.wait_for_everyone()
     if state.is_main_process:
         _merge_shards(shards_dir, n_shards, len(records), provenance, start, out)
@@ -234,14 +235,13 @@ def _shard_path(shards_dir: Path, k: int) -> Path:
 
 def _sample_missing_shards(cfg: ValuesConfig, model_dir: Path, tokenizer: Any, records: list[dict],
                            prompt_ids: list[list[int]], reward_name: str, reward_fn: rewards.RewardFn,
-                           shards_dir: Path, n_shards: int, state: PartialState) -> None:
+                           shards_dir: Path, n_shards: int, state: PartialState, share: EngineShare) -> None:
     """Sample and write this engine's shards (shard k is engine k % engines', see :class:`EngineShare`: with the HF
     engine or one process per vLLM engine, process k % world_size's) that are not on disk yet.
 
     The model is loaded only when a shard is missing, so a run killed after its last shard goes on to the merge
     without it. vLLM engines under a launch start together (their start is collective) when any shard is missing."""
     per_prompt = cfg.n_max if cfg.adaptive else cfg.n  # at most, for the progress bar
-    share = engine_share(cfg)
     mine = range(share.index, n_shards, share.count)
     todo = [k for k in mine if not _shard_path(shards_dir, k).exists()]
     wanted = bool(todo)
@@ -294,8 +294,9 @@ def _merge_shards(shards_dir: Path, n_shards: int, n_records: int, provenance: d
 def _sample_shard(cfg: ValuesConfig, sampler: Sampler, records: list[dict], prompt_ids: list[list[int]],
                   reward_name: str, reward_fn: rewards.RewardFn, seed: int, progress: Any) -> tuple[pa.Table, int]:
     """One shard's rows and the number of samples drawn. Fixed N is a single round of ``n``; adaptive draws
-    rounds of ``round_size`` for the prompts not yet stopped. Seeded once, so the rounds are deterministic."""
-    torch.manual_seed(seed)
+    rounds of ``round_size`` for the prompts not yet stopped. Seeded once, every stream (torch, CUDA, numpy,
+    random: engines and rewards draw from different ones), so the rounds are deterministic."""
+    set_seed(seed)
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     got: list[dict[str, list]] = [{"rewards": [], "lengths": [], "responses": []} for _ in records]
     active, skipped, drawn = list(range(len(records))), set(), 0

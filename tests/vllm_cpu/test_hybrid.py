@@ -123,13 +123,18 @@ def test_eval_is_data_parallel(tensor_parallel, work):
     assert 0 <= b["avg_at_k"] <= b["pass_at_k"] <= 1
 
 
-def test_one_engine_over_several_processes_needs_a_launch(work, stage1, monkeypatch, capsys):
-    """Training pushes the policy into every process's part of the engine: a single process is refused before
-    any model loads, with the launch line to use."""
+@pytest.mark.parametrize("command", ["train", "values", "eval"])
+def test_one_engine_over_several_processes_needs_a_launch(command, work, stage1, monkeypatch, capsys):
+    """Every command seeds each process's part of the engine (Stage 1 per shard, eval per engine) and training
+    pushes the policy into it: a single process would get vLLM's own workers, which neither reaches, so it is
+    refused before any model loads, with the launch line to use."""
     monkeypatch.chdir(work)
-    assert main(_train(work, "alone", "--vllm-tensor-parallel-size", "2")) == 2
+    args = {"train": _train(work, "alone"),
+            "values": ["values", "--model", str(work / "model"), *ENGINE, "--limit", "4", "--output", "alone.parquet"],
+            "eval": ["eval", "--model", str(work / "model"), *ENGINE, "--limit", "4", "--output", "alone.json"]}
+    assert main([*args[command], "--vllm-tensor-parallel-size", "2"]) == 2
     assert "runs one engine over 2 processes of a launch" in capsys.readouterr().err
-    assert not (work / "alone" / "checkpoints").exists()
+    assert not [p for p in work.glob("alone*") if p.is_file() or any(p.iterdir())]  # nothing written
 
 
 def test_stage1_resumes_when_only_some_processes_have_shards_left(work, stage1):
@@ -143,3 +148,13 @@ def test_stage1_resumes_when_only_some_processes_have_shards_left(work, stage1):
     (shards / "shard-00001.parquet").unlink(missing_ok=True)  # process 1's first: it surely has work left
     launch("ddp", args, work)
     assert pd.read_parquet(work / "resumed.parquet").equals(pd.read_parquet(work / "one.parquet"))
+
+
+def test_a_failed_push_on_one_process_ends_the_launch_with_its_cause(work, stage1):
+    """After the first update process 1's engine refuses a tensor (a name it does not know) while process 0 goes
+    on gathering FSDP2's shards for its own push: the launch ends (not a hang: launch() fails at its time limit)
+    with a non-zero status, and process 1's whole traceback names the process and the tensor."""
+    err = launch("fsdp2", _train(work, "fault"), work, ok=False, script=Path(__file__).with_name("push_fault.py"))
+    assert "process 1: pushing the policy's weights into its vLLM engine failed at 'model.no_such_layer.weight'" in err
+    assert "Traceback" in err and "no_such_layer" in err
+    assert not (work / "fault" / "checkpoints" / "step-000001").exists()  # it stopped at the first push

