@@ -3,9 +3,10 @@
 :func:`make_sampler` picks one from ``cfg.engine``. :class:`VLLMSampler` runs a vLLM engine inside this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), for two reasons: Stage 2 pushes the policy's weights into the engine
 after every optimizer step without copying them to another process, and vLLM's sampler then draws from this
-process's torch RNG, so ``torch.manual_seed`` seeds it exactly as it seeds the HF path (a Stage 1 shard seeded by
-its index gives the same samples whenever it runs). Per-request seeds (``SamplingParams(seed=...)``) are not
-used: on vLLM's CPU build they kill the engine once a prefill is chunked.
+process's random streams, so seeding them all (``accelerate.utils.set_seed``: torch, CUDA, numpy, random; which
+one vLLM reads depends on its build) seeds it exactly as it seeds the HF path (a Stage 1 shard seeded by its index
+gives the same samples whenever it runs). Per-request seeds (``SamplingParams(seed=...)``) are not used: on
+vLLM's CPU build they kill the engine once a prefill is chunked.
 
 Every sampling setting is explicit: nothing comes from the model's ``generation_config.json``
 (``generation_config="vllm"``), and the filters we do not use (top-k, min-p, penalties) are set to neutral, so the
