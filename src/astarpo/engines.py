@@ -142,7 +142,7 @@ def import_vllm() -> Any:
 def check_push_api(reload_weights: Callable[..., Any], version: str) -> None:
     """Refuse a vLLM whose model runner's ``reload_weights`` takes no ``weights_iterator``: the push calls
     ``collective_rpc("reload_weights", weights_iterator=...)``, whose signature has changed across vLLM versions.
-    pyproject bounds vLLM to the versions the push was tested with; this catches an install that went around it."""
+    pyproject bounds vLLM to the minor version whose API the push uses; this catches an install that went around it."""
     import inspect
 
     if "weights_iterator" not in inspect.signature(reload_weights).parameters:
