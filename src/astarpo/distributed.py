@@ -286,26 +286,115 @@ def full_state_dict(acc: Accelerator, model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def whole_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """``model.state_dict()``'s tensors, each whole on every process, one at a time: what each process's own
-    generation engine loads after an optimizer step. A DDP or ZeRO-2 model holds them whole already; an FSDP2
-    tensor (a DTensor shard) and a ZeRO-3 parameter (a partition) are all-gathered one at a time, so a process
-    never holds more than one extra tensor. Every process must consume the whole iterator, in the same order."""
+def whole_weights(model: Any, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.state_dict()``'s tensors, each whole on every process, in its order, floating-point ones in ``dtype``
+    when given: what each process's own generation engine loads after an optimizer step. Every process must
+    consume the whole iterator.
+
+    A DDP or ZeRO-2 model holds its tensors whole already: they are only cast. FSDP2's shards (DTensors) and
+    ZeRO-3's partitions are cast first, so that a bfloat16 engine's weights move in bfloat16, and gathered
+    several tensors at a time: one all-gather of the concatenated local pieces per bucket of up to
+    :data:`BUCKET_BYTES` of whole tensors (a larger tensor is a bucket of its own), where one collective per
+    tensor would pay a collective's latency hundreds of times per push. A process holds at most one bucket's whole
+    tensors at a time, plus the all-gather's buffer.
+    """
     from torch.distributed.tensor import DTensor
 
     params = dict(model.named_parameters(remove_duplicate=False))
+    bucket: list[tuple[str, Any]] = []  # (name, ZeRO-3 parameter or FSDP2 DTensor) still to be gathered
+    key: tuple = ()
+    size = 0
     for name, value in model.state_dict().items():
         param = params.get(name)
         if param is not None and hasattr(param, "ds_id"):  # a ZeRO-3 partition
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param]):
-                whole = param.data.clone()
-            yield name, whole
-        elif isinstance(value, DTensor):
-            yield name, value.full_tensor()
+            value, shape = param, param.ds_shape
+            item_key: tuple | None = ("zero3", _cast_dtype(param, dtype), id(param.ds_process_group))
+        elif isinstance(value, DTensor) and _dim0_sharded(value):
+            shape = value.shape
+            item_key = ("fsdp2", _cast_dtype(value, dtype), value.device_mesh)
         else:
-            yield name, value
+            item_key = None
+        nbytes = 0 if item_key is None else shape.numel() * item_key[1].itemsize
+        if bucket and (item_key != key or size + nbytes > BUCKET_BYTES):
+            yield from _gather_bucket(bucket, key[1])
+            bucket, size = [], 0
+        if item_key is None:
+            whole = value.full_tensor() if isinstance(value, DTensor) else value  # any other DTensor layout
+            yield name, whole.to(_cast_dtype(whole, dtype))
+            continue
+        bucket.append((name, value))
+        key, size = item_key, size + nbytes
+    if bucket:
+        yield from _gather_bucket(bucket, key[1])
+
+
+BUCKET_BYTES = 256 * 2**20
+"""The most bytes of whole tensors (in the engine's dtype) that :func:`whole_weights` gathers in one collective."""
+
+
+def _cast_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype ``t`` is sent in: ``dtype`` for floating-point tensors when given, else its own."""
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
+def _dim0_sharded(value: Any) -> bool:
+    """An FSDP2 shard: rows of a tensor split over a one-dimensional mesh (``Shard(0)``)."""
+    from torch.distributed.tensor import Shard
+
+    return value.device_mesh.ndim == 1 and tuple(value.placements) == (Shard(0),) and value.dim() > 0
+
+
+def _gather_bucket(bucket: list[tuple[str, Any]], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The bucket's tensors whole, in ``dtype``, from one all-gather of every process's pieces of them, in order.
+
+    ZeRO-3: each process holds an equal slice (``ds_tensor``, padded) of the flattened parameter, process i the
+    i-th. FSDP2 splits rows as ``torch.chunk`` does: ceil(rows / processes) each, in process order, so the last
+    processes may hold fewer rows or none; each process's piece sizes follow from the global shapes, and the
+    process's own are checked against them.
+    """
+    import torch.distributed as dist
+
+    first = bucket[0][1]
+    if hasattr(first, "ds_id"):
+        group = first.ds_process_group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        locals_ = [p.ds_tensor.reshape(-1) for _, p in bucket]
+        # rows of one element: process r holds elements [r * n, (r + 1) * n) of the flattened parameter
+        pieces = [[t.numel()] * world for t in locals_]
+        device = torch.device(_zero3_device())
+    else:
+        mesh = first.device_mesh
+        group, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+        locals_ = [v.to_local() for _, v in bucket]
+        pieces = []
+        for _, v in bucket:
+            rows, row = v.shape[0], v.shape[1:].numel()
+            step = -(-rows // world)
+            pieces.append([max(0, min(step, rows - r * step)) * row for r in range(world)])
+        device = locals_[0].device
+        for (name, _), t, sizes in zip(bucket, locals_, pieces):
+            if t.numel() != sizes[rank]:
+                raise RuntimeError(f"{name}: this process holds {t.numel()} elements of its FSDP2 shard, the "
+                                   f"row split (torch.chunk) gives {sizes[rank]}")
+    per_rank = [sum(sizes[r] for sizes in pieces) for r in range(world)]
+    longest = max(per_rank)
+    send = torch.zeros(longest, dtype=dtype, device=device)
+    torch.cat([t.reshape(-1).to(device=device, dtype=dtype) for t in locals_], out=send[:per_rank[rank]])
+    received = torch.empty(world * longest, dtype=dtype, device=device)
+    dist.all_gather_into_tensor(received, send, group=group)
+    parts = [received[r * longest:r * longest + per_rank[r]].split([sizes[r] for sizes in pieces])
+             for r in range(world)]
+    for i, (name, value) in enumerate(bucket):
+        shape = value.ds_shape if hasattr(value, "ds_id") else value.shape
+        whole = torch.cat([parts[r][i] for r in range(world)])[:shape.numel()]  # ZeRO-3: the padding cut off
+        yield name, whole.view(shape)
+
+
+def _zero3_device() -> str:
+    """Where DeepSpeed gathers ZeRO-3 parameters (its partitions may be offloaded to the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
 
 
 def leave_processes() -> None:
