@@ -78,3 +78,83 @@ def test_the_engine_gets_the_merged_weights_and_the_model_stays_as_it_was(tiny_m
     assert all(torch.allclose(sent[k], expected[k], atol=1e-6) for k in expected)
     assert any(not torch.allclose(sent[k], load_model(tiny_model).state_dict()[k]) for k in sent)  # B A merged
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def _untied_tiny(tiny_model):
+    """The tiny Llama with its LM head apart from the input embedding, so that a LoRA on embed_tokens changes the
+    input embedding only, as it does in the trained model (tied, one tensor serves both: see the refusal below)."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def _lora(model, targets: list[str], **kw):
+    """``model`` with a LoRA on ``targets`` whose every matrix is random: peft starts B (an embedding's A) at zero,
+    which would make each merge a no-op."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kw))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _assert_sends_peft_merge(model, layers: list[str]) -> None:
+    """Every tensor policy_weights sends is peft's merge_and_unload state dict's (so no adapter matrix), the adapted
+    ``layers`` did change, and the model itself did not."""
+    import copy
+
+    from astarpo.engines import policy_weights
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = {k.replace("base_model.model.", "").replace("base_layer.", ""): v for k, v in before.items()}
+    sent = dict(policy_weights(model))
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert sent.keys() == expected.keys()
+    assert all(torch.allclose(sent[k], expected[k], atol=1e-6) for k in expected)
+    assert all(not torch.allclose(sent[k], base[k]) for k in layers)  # the delta was merged in
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    low = dict(policy_weights(model, torch.bfloat16))  # an engine in bfloat16: every tensor sent in it
+    assert low.keys() == sent.keys() and all(v.dtype == torch.bfloat16 for v in low.values())
+    assert all(torch.allclose(low[k].float(), sent[k], rtol=1e-2, atol=1e-2) for k in sent)
+
+
+def test_the_engine_gets_an_embedding_lora_merged(tiny_model):
+    """peft's Embedding keeps lora_embedding_A/B as parameters (no .weight) and its delta is (B A) transposed."""
+    model = _lora(_untied_tiny(tiny_model), ["embed_tokens", "q_proj", "down_proj"])
+    _assert_sends_peft_merge(model, ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_the_engine_gets_a_conv1d_lora_merged():
+    """GPT-2's Conv1D stores its weight input-major (peft's fan_in_fan_out): the delta is (B A) transposed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0))
+    model = _lora(gpt2, ["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True)
+    # c_attn is 16 x 48 (not square), so a delta left untransposed would not even add
+    _assert_sends_peft_merge(model, ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"])
+
+
+def test_the_engine_push_refuses_what_it_cannot_merge(tiny_model):
+    """A base weight whose adapter matrices never come is named at the end, not silently kept back; a LoRA on a
+    tied embedding, and DoRA, are refused before anything is gathered."""
+    import pytest
+
+    from astarpo.engines import policy_weights
+
+    model = _lora(_untied_tiny(tiny_model), ["embed_tokens", "q_proj"])
+    del model.base_model.model.model.embed_tokens.lora_embedding_B["default"]  # A arrives, B never does
+    with pytest.raises(RuntimeError, match=r"never sent.*: base_model\.model\.model\.embed_tokens$"):
+        list(policy_weights(model))
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        next(policy_weights(_lora(load_model(tiny_model), ["embed_tokens"])))  # tie_word_embeddings
+    with pytest.raises(NotImplementedError, match=r"q_proj \(Linear, DoRA\)"):
+        next(policy_weights(_lora(_untied_tiny(tiny_model), ["q_proj"], use_dora=True)))

@@ -151,40 +151,90 @@ def check_push_api(reload_weights: Callable[..., Any], version: str) -> None:
                           f"names (pip install 'astarpo[vllm]')")
 
 
-def policy_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights of ``model``, whole, under the names of its Hugging Face checkpoint (what vLLM's loaders read).
+def policy_weights(model: Any, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of ``model``, whole, under the names of its Hugging Face checkpoint (what vLLM's loaders read),
+    floating-point tensors in ``dtype`` when given (the engine's: cast before they are gathered, see
+    :func:`whole_weights`).
 
-    A peft (LoRA) model's adapted layers are merged on the way, one layer at a time: W + scaling * B A from the
-    base weight and the active adapter's matrices as :func:`whole_weights` hands them over (gathered from FSDP2's
-    and ZeRO-3's shards one tensor at a time), so the model itself is never changed. peft's own merge_adapter and
-    unmerge_adapter would change it in place (W + BA - BA drifts in floating point, step after step) and cannot
-    merge sharded weights. The other adapters' matrices are left out.
+    A peft (LoRA) model's adapted layers are merged on the way, one layer at a time: W + scaling * delta from the
+    base weight and the active adapter's matrices as :func:`whole_weights` hands them over, so the model itself is
+    never changed. peft's own merge_adapter and unmerge_adapter would change it in place (W + BA - BA drifts in
+    floating point, step after step) and cannot merge sharded weights. delta is peft's ``get_delta_weight``:
+    B A for a Linear layer, its transpose for a Conv1D layer (``fan_in_fan_out``, weights stored input-major) and
+    for an Embedding (A is rank x vocabulary there). The other adapters' matrices are left out.
+
+    Refused before anything is gathered: a layer whose merge is more than W + scaling * delta (DoRA, a LoRA bias,
+    layer kinds other than Linear, Conv1D and Embedding), and an adapted weight that the model shares with another
+    layer (an input embedding tied to the LM head): the adapter changes one use of the weight, the engine holds one
+    tensor for both. A base weight still waiting for its adapter's matrices when the weights end is an error too,
+    naming the layers: such a layer would otherwise never reach the engine.
     """
     if not hasattr(model, "peft_config"):
-        yield from whole_weights(model)
+        yield from whole_weights(model, dtype)
         return
     adapter = model.active_adapter
+    layers = _adapted_layers(model, adapter)
     parts: dict[str, dict[str, torch.Tensor]] = {}  # adapted layer -> its base weight, A and B seen so far
-    for name, tensor in whole_weights(model):
+    for name, tensor in whole_weights(model, dtype):
         layer, kind = _lora_part(name, adapter)
-        if kind is None:
+        if kind is None or layer not in layers:
             if "lora_" not in name:
                 yield _checkpoint_name(name), tensor
             continue
         got = parts.setdefault(layer, {})
         got[kind] = tensor
-        if len(got) == 3:  # the layer's base weight, A and B: merged in float32, in the base weight's dtype
-            scaling = model.get_submodule(layer).scaling[adapter]
-            merged = got["W"].float() + scaling * (got["B"].float() @ got["A"].float())
-            yield _checkpoint_name(layer + ".weight"), merged.to(got["W"].dtype)
+        if len(got) == 3:
+            yield _checkpoint_name(layer + ".weight"), _merged(layers[layer], adapter, got["W"], got["A"], got["B"])
             del parts[layer]
+    if parts:
+        raise RuntimeError(f"LoRA layers whose base weight was gathered but never sent to the engine (adapter "
+                           f"{adapter!r}'s matrices did not arrive): {', '.join(sorted(parts))}")
+
+
+def _adapted_layers(model: Any, adapter: str) -> dict[str, Any]:
+    """The peft layers that ``adapter`` adapts, by module name; refuses those :func:`policy_weights` cannot merge."""
+    from peft.tuners.lora import Embedding, Linear, LoraLayer
+
+    tied: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    layers, unsupported, shared = {}, [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in {**module.lora_A, **module.lora_embedding_A}:
+            continue
+        layers[name] = module
+        dora, bias = module.use_dora.get(adapter), getattr(module, "lora_bias", {}).get(adapter)  # bias: peft 0.14
+        if not isinstance(module, Linear | Embedding) or dora or bias:
+            unsupported.append(f"{name} ({type(module).__name__}{', DoRA' if dora else ''}"
+                               f"{', LoRA bias' if bias else ''})")
+        if len(tied[id(module.get_base_layer().weight)]) > 1:
+            shared.append(" = ".join(tied[id(module.get_base_layer().weight)]))
+    if unsupported:
+        raise NotImplementedError("the LoRA merge on the way to the engine is W + scaling * delta for Linear, Conv1D "
+                                  f"and Embedding layers only; these are not: {'; '.join(unsupported)}")
+    if shared:
+        raise ValueError(f"a LoRA on a weight the model ties to another layer ({'; '.join(shared)}): the adapter "
+                         "changes one of its uses, the engine holds one tensor for both. Leave the layer out of "
+                         "lora_target_modules, or sample with engine hf")
+    return layers
+
+
+def _merged(layer: Any, adapter: str, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W + scaling * delta of one peft layer, computed in float32 and returned in W's dtype (see policy_weights)."""
+    from peft.tuners.lora import Embedding
+
+    delta = b.float() @ a.float()
+    if isinstance(layer, Embedding) or layer.fan_in_fan_out:
+        delta = delta.T
+    return (w.float() + layer.scaling[adapter] * delta).to(w.dtype)
 
 
 def _lora_part(name: str, adapter: str) -> tuple[str, str | None]:
-    """(the adapted layer, "W" | "A" | "B") for a LoRA layer's base weight or the adapter's matrices, else
-    (name, None)."""
+    """(the adapted layer, "W" | "A" | "B") for a LoRA layer's base weight or the adapter's matrices (a Linear's
+    lora_A/lora_B modules, an Embedding's lora_embedding_A/B parameters), else (name, None)."""
     for suffix, kind in ((".base_layer.weight", "W"), (f".lora_A.{adapter}.weight", "A"),
-                         (f".lora_B.{adapter}.weight", "B")):
+                         (f".lora_B.{adapter}.weight", "B"), (f".lora_embedding_A.{adapter}", "A"),
+                         (f".lora_embedding_B.{adapter}", "B")):
         if name.endswith(suffix):
             return name.removesuffix(suffix), kind
     return name, None
