@@ -153,3 +153,27 @@ def test_stage1_under_sharded_configs_matches_ddp(work, tiny_model):
     for strategy in ("fsdp2", "zero3"):
         assert ddp.equals(pd.read_parquet(work / f"v-{strategy}.parquet"))
     assert torch.tensor([sum(r) for r in ddp["rewards"]]).isfinite().all()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_weights_reach_the_engine_in_buckets_in_its_dtype(strategy, tmp_path):
+    """The push into a generation engine (``whole_weights``), on every process: the state dict's names in its
+    order, each tensor exactly the model's whole weight (gathered another way, accelerate's state dict), or its
+    bfloat16 cast, cast before the gather (the all-gathers move bfloat16), with fewer all-gathers than tensors
+    (buckets of several). FSDP2's uneven split (51 + 50 rows) and empty shard (a one-row tensor) included."""
+    launch(strategy, [str(tmp_path)], tmp_path, script=Path(__file__).parent / "push_weights.py")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    full = ranks[0]["full"]
+    assert "model.probe" in full and full["model.embed_tokens.weight"].shape[0] == 101
+    for rank in ranks:
+        for dtype, run in rank["runs"].items():
+            assert run["names"] == rank["order"] == ranks[0]["order"]
+            sent = run["tensors"]
+            assert set(sent) - set(full) == {"lm_head.weight"}  # tied: kept once in the saved state dict
+            assert torch.equal(sent["lm_head.weight"], sent["model.embed_tokens.weight"])
+            cast = torch.bfloat16 if dtype == "torch.bfloat16" else torch.float32
+            for name, whole in full.items():
+                assert sent[name].dtype == cast and torch.equal(sent[name], whole.to(cast)), (dtype, name)
+            assert 1 < len(run["gathers"]) < len(sent) // 2
+            assert set(run["gathers"]) == {str(cast)}
+        assert len(rank["runs"]["torch.bfloat16"]["gathers"]) < len(rank["runs"]["None"]["gathers"])
