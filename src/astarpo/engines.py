@@ -465,7 +465,7 @@ class VLLMSampler:
         worker's ``reload_weights`` with a weights iterator works on both builds. (Its ``weights_path`` form
         loads something else: not used.)
         """
-        self._reload(policy_weights(model))
+        self._reload(policy_weights(model, self.torch_dtype))
         self.weights_replaced = True
 
     def load_weights_from(self, model_dir: str | Path) -> None:
@@ -476,7 +476,7 @@ class VLLMSampler:
         both. (vLLM's own ``reload_weights(weights_path=...)`` loads something else: not used.)
         """
         model = load_model(model_dir, self.dtype, self.trust_remote_code)
-        self._reload(policy_weights(model))
+        self._reload(policy_weights(model, self.torch_dtype))
         self.weights_replaced = False
 
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
