@@ -14,23 +14,11 @@ torch.set_num_threads(2)
 
 def build_tiny_model(path: Path, chat_template: bool = False, seed: int = 0, hidden_size: int = 32) -> Path:
     """Two layers, two attention heads of ``hidden_size / 2`` (vLLM's CPU attention needs 32: hidden_size 64)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from astarpo.tasks import ArithmeticTask
+    from astarpo.models import arithmetic_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [r["prompt"] + " " + r["answer"] for split in ArithmeticTask().splits().values() for r in split]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                     pad_token="<pad>")
-    if chat_template:
-        hf_tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                                "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    hf_tok = arithmetic_tokenizer(chat_template)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,

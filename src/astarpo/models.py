@@ -155,6 +155,31 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> An
     return tok
 
 
+def arithmetic_tokenizer(chat_template: bool = False, vocab_size: int = 400) -> Any:
+    """A small byte-level BPE tokenizer trained in milliseconds on the built-in arithmetic task's text, with
+    ``<unk>``, ``<s>`` (BOS), ``</s>`` (EOS) and ``<pad>``: for models built at run time with random weights (the
+    tests' tiny models, ``benchmarks/gpu_check.py``), where nothing can be downloaded. ``chat_template`` adds a
+    minimal one (``<s>role: text</s>`` per message)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .tasks import ArithmeticTask
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [r["prompt"] + " " + r["answer"] for split in ArithmeticTask().splits().values() for r in split]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>")
+    if chat_template:
+        hf_tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                                "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    return hf_tok
+
+
 def load_model(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
     """A causal LM from a local directory (safetensors weights; remote code only when asked).
 
