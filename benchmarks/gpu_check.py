@@ -30,11 +30,14 @@ or, where a measurement must be taken inside the training process, a worker of t
 - ``eval_ok``: ``astarpo eval --engine vllm`` on the trained model (KL to the reference included) succeeds.
 
 The engine runs eager (``--vllm-enforce-eager``) unless ``--compile``: every phase is a fresh process that starts
-an engine, and compilation costs a minute or more per start. Writes ``--out`` (JSON), prints a summary, and
-exits non-zero naming each failed check.
+an engine, and compiling makes each start far longer. On a GPU the phases run one after another (each measures
+the whole device); on a CPU two independent phases run at a time, so that the check stays short (its timings
+mean little there). A phase that fails does not stop the others that do not need its output: one GPU call shows
+as much as it can. Writes ``--out`` (JSON; each phase's seconds, versions and shape too), prints a summary, and
+exits non-zero naming each failed check with the end of its log (all logs in ``--work``).
 
-    PYTHONPATH=src python benchmarks/gpu_check.py --out gpu_check.json           # one GPU: within 5 minutes
-    PYTHONPATH=src python benchmarks/gpu_check.py --tiny --out gpu_check.json    # CPU (vLLM's CPU build)
+    PYTHONPATH=src python benchmarks/gpu_check.py --out gpu_check.json    # one GPU, meant to fit a 5-minute call
+    PYTHONPATH=src python benchmarks/gpu_check.py --out gpu_check.json    # CPU: vLLM's CPU build, tiny shape
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True)
 STEPS, PROMPTS, N = 3, 8, 3  # Stage 2 steps, prompts (Stage 1 and each step), Stage 1 samples per prompt
 LIMIT_S = 300  # per command
+# Sleep mode frees the engine's weights and KV cache for the updates: at least this much on a GPU (the 0.5B
+# shape's bfloat16 weights alone are about 1 GB), so that a sleep that frees nothing cannot pass as noise.
+SLEEP_SAVES_GB = 0.5
 
 
 # ----- the model -----------------------------------------------------------------------------------------------
@@ -403,8 +409,9 @@ def main() -> int:
         failures.append(f"logprob_gap_nats is not finite: {gap}")
     if gap and not gpu and gap["max"] > 1e-3:  # float32 engine and policy: numerical noise only
         failures.append(f"logprob_gap_nats max {gap['max']:.2g} > 1e-3 with a float32 engine and policy")
-    if result.get("sleep_saved_gb") is not None and result["sleep_saved_gb"] <= 0:
-        failures.append(f"sleep mode saved no memory in the updates ({result['sleep_saved_gb']:.2f} GB)")
+    if result.get("sleep_saved_gb") is not None and result["sleep_saved_gb"] < SLEEP_SAVES_GB:
+        failures.append(f"sleep mode saved {result['sleep_saved_gb']:.2f} GB in the updates, under "
+                        f"{SLEEP_SAVES_GB} GB: the engine's memory was not freed")
     result["ok"], result["failures"] = not failures, failures
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
