@@ -19,12 +19,12 @@ or, where a measurement must be taken inside the training process, a worker of t
   process's peak RSS. ``update_memory_gb`` is the peak during the optimizer updates alone: sleep mode should
   lower it by the engine's memory (``sleep_saved_gb``), while the overall peak may be the sampling phase's.
 - ``logprob_gap_nats``: the engine's log-probs against the training model's, per response (the mean and largest
-  ``sampler_logp_diff`` that train logs in metrics.jsonl, over every step of both runs).
+  ``sampler_logp_diff`` that train logs in metrics.jsonl, over every step of every run).
 - ``greedy_same_after_wake``: greedy answers before and after putting the engine to sleep, waking it and pushing
   the unchanged weights (null where vLLM has no sleep mode, as on CPU; ``greedy_same_after_push`` is the same
   comparison wherever it runs).
 - ``engines_differ``: under a 2-process launch, each process's engine samples the same prompts at the start of
-  training (from the random state its first step samples from; the state is restored before training): the
+  training (from the random state its first step would sample from; the state is restored afterwards): the
   responses must differ, or the processes would draw the same random numbers. Null where only one process can
   run (one GPU: NCCL refuses two ranks on one device). The same 3 steps then train under the 2 processes.
 - ``eval_ok``: ``astarpo eval --engine vllm`` on the trained model (KL to the reference included) succeeds.
@@ -66,8 +66,7 @@ import pyarrow.parquet as pq
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Qwen/Qwen2.5-0.5B's config.json (tokenizer ids aside: ours has 400 tokens; vLLM, like Qwen itself, takes a
-# vocabulary larger than the tokenizer's).
+# Qwen/Qwen2.5-0.5B's config.json (the special tokens' ids aside: the tokenizer is ours).
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
                   rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False, sliding_window=32768,
@@ -91,7 +90,7 @@ def build_model(directory: Path, shape: dict[str, Any], dtype: torch.dtype) -> N
 
     from astarpo.models import arithmetic_tokenizer
 
-    tok = arithmetic_tokenizer()
+    tok = arithmetic_tokenizer(pad_to=shape["vocab_size"])  # every sampled id decodes to text of its own
     torch.manual_seed(0)
     config = Qwen2Config(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, dtype=dtype)
@@ -214,7 +213,7 @@ def worker(out: Path, train_args: list[str]) -> None:
     result: dict[str, Any] = {"rank": acc.process_index, "processes": acc.num_processes, "device": device,
                               "strategy": str(acc.distributed_type), "engine_sleep_mode": sampler.sleep_mode}
 
-    # Before the first step, with its random state (restored afterwards, so the run trains as it would have).
+    # Before the first step, from the random state it would sample from (restored afterwards: it still does).
     rng = rng_states()
     result["sampled"] = sampler.generate(prompts, 2, SamplingParams(1.0, 1.0, cfg.max_new_tokens)).response_tokens
     greedy = SamplingParams(0.0, 1.0, cfg.max_new_tokens)
@@ -266,12 +265,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="the result (JSON)")
     p.add_argument("--tiny", action="store_true", help="a tiny model shape (the default without CUDA)")
     p.add_argument("--compile", action="store_true", help="let vLLM compile (default: --vllm-enforce-eager)")
-    p.add_argument("--work", type=Path, help="working folder (default: a new temporary one)")
+    p.add_argument("--work", type=Path, help="working folder, new or empty (default: a new temporary one)")
     a = p.parse_args()
     gpu = torch.cuda.is_available()  # no CUDA context in this process: the workers measure the whole device
     tiny = a.tiny or not gpu
     two_processes = not gpu or torch.cuda.device_count() >= 2  # NCCL refuses two ranks on one GPU
     work = a.work or Path(tempfile.mkdtemp(prefix="astarpo-gpu-check-"))
+    if work.exists() and any(work.iterdir()):  # an earlier run's files would be resumed, not redone
+        p.error(f"--work {work} is not empty")
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
@@ -376,11 +377,11 @@ def main() -> int:
     result["step_seconds"] = {k: statistics.mean(r["step_seconds"][1:]) for k, r in runs.items()}
     result["peak_memory_gb"] = {k: r["peak_memory_gb"] for k, r in runs.items()}
     result["update_memory_gb"] = {k: r["update_memory_gb"] for k, r in runs.items()}
-    one = [runs[k] for k in ("sleep_mode", "no_sleep_mode") if k in runs]
-    if one:
-        result["logprob_gap_nats"] = {"mean": statistics.mean(x for r in one for x in r["sampler_logp_diff"]),
-                                      "max": max(x for r in one for x in r["sampler_logp_diff_max"])}
-        result["greedy_same_after_push"] = all(r["greedy_same_after_push"] for r in runs.values())
+    if runs:
+        every = list(runs.values())
+        result["logprob_gap_nats"] = {"mean": statistics.mean(x for r in every for x in r["sampler_logp_diff"]),
+                                      "max": max(x for r in every for x in r["sampler_logp_diff_max"])}
+        result["greedy_same_after_push"] = all(r["greedy_same_after_push"] for r in every)
     sleeping = runs.get("sleep_mode", {}).get("engine_sleep_mode")
     result["greedy_same_after_wake"] = runs["sleep_mode"]["greedy_same_after_push"] if sleeping else None
     if sleeping and "no_sleep_mode" in runs:

@@ -155,11 +155,15 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> An
     return tok
 
 
-def arithmetic_tokenizer(chat_template: bool = False, vocab_size: int = 400) -> Any:
+def arithmetic_tokenizer(chat_template: bool = False, pad_to: int | None = None) -> Any:
     """A small byte-level BPE tokenizer trained in milliseconds on the built-in arithmetic task's text, with
     ``<unk>``, ``<s>`` (BOS), ``</s>`` (EOS) and ``<pad>``: for models built at run time with random weights (the
     tests' tiny models, ``benchmarks/gpu_check.py``), where nothing can be downloaded. ``chat_template`` adds a
-    minimal one (``<s>role: text</s>`` per message)."""
+    minimal one (``<s>role: text</s>`` per message). ``pad_to`` fills the vocabulary with tokens ``<id>`` up to
+    that size, so that every token a model with that many outputs samples decodes to text of its own (an id past
+    the vocabulary would decode to nothing, and responses would all read the same); encoding is unchanged."""
+    import json
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -169,9 +173,14 @@ def arithmetic_tokenizer(chat_template: bool = False, vocab_size: int = 400) -> 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [r["prompt"] + " " + r["answer"] for split in ArithmeticTask().splits().values() for r in split]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
+    if pad_to is not None and pad_to > tok.get_vocab_size():
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        vocab.update({f"<{i}>": i for i in range(len(vocab), pad_to)})  # printable ASCII: itself in byte-level
+        tok = Tokenizer.from_str(json.dumps(spec))
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                      pad_token="<pad>")
     if chat_template:
