@@ -75,7 +75,6 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True)
 STEPS, PROMPTS, N = 3, 8, 3  # Stage 2 steps, prompts (Stage 1 and each step), Stage 1 samples per prompt
-LIMIT_S = 300  # per command
 # Sleep mode frees the engine's weights and KV cache for the updates: at least this much on a GPU (the 0.5B
 # shape's bfloat16 weights alone are about 1 GB), so that a sleep that frees nothing cannot pass as noise.
 SLEEP_SAVES_GB = 0.5
@@ -100,14 +99,14 @@ def build_model(directory: Path, shape: dict[str, Any], dtype: torch.dtype) -> N
 
 
 # ----- running the commands ------------------------------------------------------------------------------------
-def run(cmd: list[str], log: Path, env: dict[str, str]) -> str | None:
+def run(cmd: list[str], log: Path, env: dict[str, str], limit_s: float) -> str | None:
     """Run ``cmd`` (its output to ``log``): None if it succeeded, else why, with the log's last lines. After
-    LIMIT_S the whole process group goes (torchrun's workers too)."""
+    ``limit_s`` seconds the whole process group goes (torchrun's workers too)."""
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            rc = proc.wait(timeout=LIMIT_S)
+            rc = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -115,7 +114,7 @@ def run(cmd: list[str], log: Path, env: dict[str, str]) -> str | None:
     if rc == 0:
         return None
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-    why = f"did not finish in {LIMIT_S} s" if rc is None else f"exit code {rc}"
+    why = f"stopped after {limit_s:.0f} s (--budget)" if rc is None else f"exit code {rc}"
     return f"{why}: {' '.join(cmd)}\n{tail}"
 
 
@@ -265,10 +264,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="the result (JSON)")
     p.add_argument("--tiny", action="store_true", help="a tiny model shape (the default without CUDA)")
     p.add_argument("--compile", action="store_true", help="let vLLM compile (default: --vllm-enforce-eager)")
+    p.add_argument("--budget", type=float, help="seconds for the whole check: a phase still running then is "
+                   "stopped, later ones are skipped, and the result is written all the same (default: 290 on a GPU, "
+                   "so that one 5-minute call returns a result, 900 on CPU)")
     p.add_argument("--work", type=Path, help="working folder, new or empty (default: a new temporary one)")
     a = p.parse_args()
     gpu = torch.cuda.is_available()  # no CUDA context in this process: the workers measure the whole device
     tiny = a.tiny or not gpu
+    budget = a.budget or (290 if gpu else 900)
     two_processes = not gpu or torch.cuda.device_count() >= 2  # NCCL refuses two ranks on one GPU
     work = a.work or Path(tempfile.mkdtemp(prefix="astarpo-gpu-check-"))
     if work.exists() and any(work.iterdir()):  # an earlier run's files would be resumed, not redone
@@ -296,8 +299,13 @@ def main() -> int:
     def phase(name: str, cmd: list[str], processes: int = 1) -> bool:
         """Run ``cmd`` as the phase ``name`` (timed, its output in ``work/name.log``); False if it failed."""
         t0 = time.perf_counter()
+        left = start + budget - t0 - 10  # the rest of the budget, less a margin to write the result
+        if left < 10:
+            failures.append(f"{name}: not started, the time budget ({budget:.0f} s, --budget) is spent")
+            return False
         # Two CPU processes on a shared machine: one thread each, as the tests launch them.
-        why = run(cmd, work / f"{name}.log", {**env, "OMP_NUM_THREADS": "1"} if processes > 1 and not gpu else env)
+        cpu_env = {**env, "OMP_NUM_THREADS": "1"} if processes > 1 and not gpu else env
+        why = run(cmd, work / f"{name}.log", cpu_env, left)
         seconds[name] = time.perf_counter() - t0
         if why:
             failures.append(f"{name}: {why}")
@@ -435,7 +443,9 @@ def summary(r: dict[str, Any]) -> str:
         gap = r["logprob_gap_nats"]
         lines.append(f"  {'logprob_gap_nats':24s} mean {gap['mean']:.2g}, max {gap['max']:.2g} per response")
     lines.append("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["phase_seconds"].items()))
-    lines += [f"FAILED: {f}" for f in r["failures"]] or ["all checks passed"]
+    lines += [f"FAILED: {f.splitlines()[0][:300]}" for f in r["failures"]] or ["all checks passed"]
+    if r["failures"]:
+        lines.append(f"(each failure's log tail in the JSON; the logs in {r['work']})")
     return "\n".join(lines)
 
 
