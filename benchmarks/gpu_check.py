@@ -71,10 +71,11 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
                   rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False, sliding_window=32768,
                   max_window_layers=24)
-# The same layout at test scale: vLLM's CPU attention needs heads of at least 32 dimensions.
+# The same layout at test scale (vLLM's CPU attention needs heads of at least 32 dimensions), its vocabulary too
+# larger than the trained tokenizer's, as Qwen's is.
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True)
-STEPS, PROMPTS, N = 3, 8, 3  # Stage 2 steps, prompts (Stage 1 and each step), Stage 1 samples per prompt
+STEPS, PROMPTS, N = 3, 8, 3  # Stage 2 steps; prompts of Stage 1, Stage 2 and eval; Stage 1 samples per prompt
 # Sleep mode frees the engine's weights and KV cache for the updates: at least this much on a GPU (the 0.5B
 # shape's bfloat16 weights alone are about 1 GB), so that a sleep that frees nothing cannot pass as noise.
 SLEEP_SAVES_GB = 0.5
