@@ -171,27 +171,6 @@ class MemoryWatch:
         self.record()
 
 
-def rng_states() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "random": random.getstate(), "numpy": np.random.get_state()}
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None:
-        torch.cuda.set_rng_state_all(states["cuda"])
-    random.setstate(states["random"])
-    np.random.set_state(states["numpy"])
-
-
 def worker(out: Path, train_args: list[str]) -> None:
     """``astarpo train TRAIN_ARGS`` in this process (one of a launch), with what must be measured inside it:
     the engine's samples and greedy answers on the first prompts before training, and memory during the run.
@@ -202,6 +181,7 @@ def worker(out: Path, train_args: list[str]) -> None:
     from astarpo.engines import release_engines
     from astarpo.generation import SamplingParams
     from astarpo.trainer import Trainer
+    from astarpo.utils import rng_states, set_rng_states
 
     args = vars(parser().parse_args(["train", *train_args]))
     args.pop("command")
@@ -283,7 +263,7 @@ def main() -> int:
     shape = TINY if tiny else QWEN25_05B
     # Engine flags as the tests use them on CPU (a float32 engine, a small KV cache). On a GPU a bfloat16 engine
     # beside a float32 policy under bf16 autocast (the paper's set-up), with train's default share of the GPU for
-    # every command (values and eval would take 0.9, leaving eval's HF models little room).
+    # every command: a smaller KV cache to set up at each of the five starts, and the same engine in all three.
     engine = ["--engine", "vllm", "--max-prompt-tokens", "64", "--max-new-tokens", "8" if tiny else "64"]
     engine += [] if a.compile else ["--vllm-enforce-eager"]
     engine += ["--vllm-dtype", "bfloat16", "--vllm-gpu-memory-utilization", "0.3"] if gpu else \
