@@ -316,6 +316,8 @@ class VLLMSampler:
                             generation_config="vllm",  # no defaults from generation_config.json
                             logprobs_mode="raw_logprobs",  # temperature-1 log-probs, as the trainer's
                             enable_sleep_mode=self.sleep_mode, **kwargs)
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size as tp_world_size
+        log.info("vLLM engine started: tensor-parallel world size %d", tp_world_size())  # the processes it spans
         _set_rng_states(rng)
 
     def sleep(self) -> None:
