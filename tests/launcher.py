@@ -40,6 +40,13 @@ def rank_logs(log_dir: Path, lines: int = 40) -> str:
     return "\n".join(out) or f"(no per-rank logs under {log_dir})"
 
 
+def rank_stderr(log_dir: Path) -> dict[int, list[str]]:
+    """Every rank's own stderr lines (``DIR/<run>/attempt_<n>/<rank>/stderr.log``), where astarpo logs: what each
+    process did, when the result is the same whichever process did it."""
+    return {int(f.parent.name): f.read_text(errors="replace").splitlines()
+            for f in sorted(Path(log_dir).glob("*/attempt_*/*/stderr.log"))}
+
+
 def command(strategy: str, args: list[str], log_dir: Path, script: Path | None = None) -> list[str]:
     """``astarpo ARGS`` (or ``python SCRIPT ARGS``) in two processes under the shipped accelerate config of
     ``strategy``."""
@@ -79,9 +86,10 @@ def _log_dir(cwd: Path, strategy: str, args: list[str]) -> Path:
 
 
 def launch(strategy: str, args: list[str], cwd: Path, ok: bool = True, env: dict[str, str] | None = None,
-           script: Path | None = None) -> str:
-    """Run ``astarpo ARGS`` (or ``SCRIPT ARGS``) in two processes under ``strategy``; its stderr."""
-    logs = _log_dir(cwd, strategy, args)
+           script: Path | None = None, logs: Path | None = None) -> str:
+    """Run ``astarpo ARGS`` (or ``SCRIPT ARGS``) in two processes under ``strategy``; its stderr. Each rank's
+    output is kept under ``logs`` (default: a new folder under ``cwd/launch-logs``)."""
+    logs = logs or _log_dir(cwd, strategy, args)
     with subprocess.Popen(command(strategy, args, logs, script), cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as proc:
         try:

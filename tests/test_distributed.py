@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from launcher import rank_logs
+from launcher import rank_logs, rank_stderr
 from safetensors.torch import load_file
 
 from astarpo.engines import EngineShare
@@ -19,8 +19,9 @@ from astarpo.values import read_values
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def _run(args: list[str], processes: int, cwd: Path) -> None:
-    """``astarpo ARGS`` in ``processes`` processes; on failure, the last lines of the launcher and of each rank."""
+def _run(args: list[str], processes: int, cwd: Path) -> Path:
+    """``astarpo ARGS`` in ``processes`` processes; on failure, the last lines of the launcher and of each rank.
+    Returns the folder of each rank's own output (for a launch)."""
     logs = cwd / "launch-logs" / f"{len(list(cwd.glob('launch-logs/*')))}-{args[0]}"
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                 "--log-dir", str(logs), "--tee", "3", "-m", "astarpo", "--"]
@@ -29,6 +30,7 @@ def _run(args: list[str], processes: int, cwd: Path) -> None:
            "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{rank_logs(logs) if processes > 1 else ''}"
+    return logs
 
 
 def test_engines_split_work_into_contiguous_blocks():
@@ -45,8 +47,8 @@ def test_two_processes_match_one(tiny_model, tmp_path):
     one, two = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "two.parquet")
     assert len(one) == 14 and one.equals(two)  # same ids, rewards and lengths, row for row
     p1, p2 = read_values(tmp_path / "one.parquet").provenance, read_values(tmp_path / "two.parquet").provenance
-    assert {k: v for k, v in p1.items() if k not in ("seconds", "sampling_seconds", "created_at")} == \
-           {k: v for k, v in p2.items() if k not in ("seconds", "sampling_seconds", "created_at")}
+    timings = ("seconds", "sampling_seconds", "sampling_wall_seconds", "created_at")
+    assert {k: v for k, v in p1.items() if k not in timings} == {k: v for k, v in p2.items() if k not in timings}
     assert not (tmp_path / "two.parquet.shards").exists()
 
     # Stage 2 with greedy sampling, so both runs see the same responses and must make the same updates. The
@@ -104,11 +106,17 @@ def test_each_process_samples_from_its_own_stream_and_resumes_it(tiny_model, tmp
 def test_eval_is_data_parallel(tiny_model, tmp_path):
     """`astarpo eval` in two processes: each scores its block of every benchmark (HF generate, greedy and k = 2
     samples, the KL to the reference), rank 0 writes the result once: per-prompt greedy answers and the greedy
-    figures equal one process's, the sampled figures come from each process's own stream."""
+    figures equal one process's, the sampled figures come from each process's own stream.
+
+    Every process scoring every prompt would give the same result, so each process's log says which prompts it
+    scored: process 0 the first three of each benchmark, process 1 the other two."""
     args = ["eval", "--model", str(tiny_model), "--benchmarks", "gsm8k,amc23", "--limit", "5", "--k", "2",
             "--reference", str(tiny_model), "--max-new-tokens", "6", "--max-prompt-tokens", "512"]
     _run([*args, "--output", "one.json"], 1, tmp_path)
-    _run([*args, "--output", "two.json"], 2, tmp_path)
+    logs = _run([*args, "--output", "two.json"], 2, tmp_path)
+    scored = {rank: [line for line in lines if "scores prompts" in line] for rank, lines in rank_stderr(logs).items()}
+    assert scored == {0: ["astarpo: eval: process 0, engine 0 of 2, scores prompts [0, 3) of 5"] * 2,
+                      1: ["astarpo: eval: process 1, engine 1 of 2, scores prompts [3, 5) of 5"] * 2}, scored
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     for name in ("gsm8k", "amc23"):
         a, b = one["benchmarks"][name], two["benchmarks"][name]

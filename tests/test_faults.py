@@ -22,7 +22,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 FLAGS = ["--limit", "60", "--n", "4", "--max-new-tokens", "16", "--shard-size", "2"]
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TIMINGS = ("generation_seconds", "step_seconds", "tokens_per_second", "peak_memory_mb", "seconds",
-           "sampling_seconds")
+           "sampling_seconds", "sampling_wall_seconds")
 
 
 def _run_and_kill(cmd: list[str], ready, delay: float, timeout: float = 120) -> bool:

@@ -178,29 +178,45 @@ def test_every_mini_batch_measures_log_ratio_against_the_sampling_policy(tiny_mo
     assert abs(metrics["log_ratio"]) < 1e-5
 
 
-def test_entropy_coef_lowers_each_prompts_loss_by_coef_times_its_mean_token_entropy(tiny_model, tmp_path,
-                                                                                     monkeypatch):
+def test_entropy_coef_lowers_each_prompts_loss_and_its_update_raises_the_entropy(tiny_model, tmp_path, monkeypatch):
     """The official code's entropy bonus, through the trainer: one update per step (mini-batch = batch), so both runs
-    score the same samples under the same (reference) policy and differ by exactly the bonus in the logged loss."""
-    import astarpo.trainer as trainer_module
+    score the same samples under the same (reference) policy and differ by exactly the bonus in the logged loss.
 
-    values, seen = _values(tiny_model, tmp_path / "v.parquet"), []
+    The logged loss alone would not notice a bonus cut off from the gradient (its value is the same), so the update
+    is checked too: on the step's own samples, the policy updated with the bonus (a coefficient large enough to
+    outweigh A*-PO's own gradient) has a higher mean token entropy than before the update and than the policy
+    updated without it. A bonus without gradient makes the two updates, and so the two policies, identical."""
+    import astarpo.trainer as trainer_module
+    from astarpo.models import load_model
+
+    values, seen, batches = _values(tiny_model, tmp_path / "v.parquet"), [], []
     real = trainer_module.response_logprobs_entropy
 
     def recording(model, batch):  # the trainer's own call, recorded on the way through
         logp, entropy = real(model, batch)
-        seen.append((entropy * batch["response_mask"]).sum(-1) / batch["response_mask"].sum(-1))
+        seen.append(((entropy * batch["response_mask"]).sum(-1) / batch["response_mask"].sum(-1)).detach())
+        batches.append({k: v.detach().clone() for k, v in batch.items()})
         return logp, entropy
 
     monkeypatch.setattr(trainer_module, "response_logprobs_entropy", recording)
     runs = {coef: Trainer(_train_cfg(tiny_model, values, tmp_path / f"c{coef}", steps=1, mini_batch_size=6,
-                                     entropy_coef=coef), reward=DigitReward()).train() for coef in (0.0, 0.5)}
+                                     entropy_coef=coef), reward=DigitReward()).train() for coef in (0.0, 5.0)}
     per_prompt = torch.cat(seen).detach()  # A*-PO: one response per prompt
     assert len(per_prompt) == 6 and (per_prompt > 0).all()
-    assert runs[0.5]["loss"] == pytest.approx(runs[0.0]["loss"] - 0.5 * float(per_prompt.mean()), rel=1e-5)
-    assert runs[0.0]["reward"] == runs[0.5]["reward"]  # the same samples
-    assert runs[0.5]["entropy"] == pytest.approx(float(per_prompt.mean()), rel=1e-6)  # logged as its own metric
+    assert runs[5.0]["loss"] == pytest.approx(runs[0.0]["loss"] - 5.0 * float(per_prompt.mean()), rel=1e-5)
+    assert runs[0.0]["reward"] == runs[5.0]["reward"]  # the same samples
+    assert runs[5.0]["entropy"] == pytest.approx(float(per_prompt.mean()), rel=1e-6)  # logged as its own metric
     assert "entropy" not in runs[0.0]
+
+    def mean_entropy(model_dir) -> float:  # mean token entropy on the step's samples, as the bonus measures it
+        model = load_model(model_dir)
+        with torch.no_grad():
+            per_token = [(real(model, b)[1] * b["response_mask"]).sum() for b in batches]
+        return float(sum(per_token) / sum(b["response_mask"].sum() for b in batches))
+
+    before, without, with_bonus = (mean_entropy(d) for d in (tiny_model, tmp_path / "c0.0" / "final",
+                                                             tmp_path / "c5.0" / "final"))
+    assert with_bonus > max(before, without), (before, without, with_bonus)
 
 
 def test_cli_end_to_end(tiny_chat_model, tmp_path, capsys):

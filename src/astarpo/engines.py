@@ -409,6 +409,9 @@ class VLLMSampler:
                             enable_sleep_mode=self.sleep_mode, **kwargs)
         set_rng_states(rng)
         self.torch_dtype = self.llm.llm_engine.model_config.dtype  # what the pushed weights are cast to
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size as tp_world_size
+
+        log.info("vLLM engine started: tensor-parallel world size %d", tp_world_size())  # the processes it spans
 
     def sleep(self) -> None:
         """Free the engine's weights and KV cache (vLLM's sleep mode, level 2) until the next ``load_weights``:

@@ -49,6 +49,10 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[l
     """
     start = time.perf_counter()
     block = share.block(len(records))
+    state = PartialState(cpu=cpu_processes())
+    if state.num_processes > 1:  # each process's part of the work, in its own log (the result does not show it)
+        log.info("eval: process %d, engine %d of %d, scores prompts [%d, %d) of %d", state.process_index,
+                 share.index, share.count, block.start, block.stop, len(records))
     scores = _score(model, tokenizer, [records[i] for i in block], [prompt_ids[i] for i in block], reward_fn, k,
                     SamplingParams(temperature, top_p, max_new_tokens), batch_size, ref_model, on_reward_error,
                     micro_batch_size, progress, sampler) if block else {}
@@ -141,7 +145,7 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
     """
     out = Path(cfg.output)
     parts = out.with_name(out.name + ".parts")
-    main = PartialState().is_main_process  # the one process that writes
+    main = PartialState(cpu=cpu_processes()).is_main_process  # the one process that writes
     model_dir = resolve_model(cfg.model)
     reference = _reference(cfg, model_dir)
     template = None if cfg.prompt_template == "{prompt}" else cfg.prompt_template

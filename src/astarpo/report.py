@@ -104,14 +104,19 @@ def _duration(seconds: float) -> str:
 
 
 def _stage1_seconds(values: Path, run: Path) -> float | None:
-    """Stage 1's sampling and scoring time from the values file's provenance (the rule Stage 2's summed step times
-    follow: start-up and loading excluded), if the file is where the run's config says."""
+    """Stage 1's wall-clock sampling and scoring time from the values file's provenance (the rule Stage 2's summed
+    step times follow: start-up and loading excluded), if the file is where the run's config says.
+
+    That is ``sampling_wall_seconds``, the busiest engine's time: a step's time is wall-clock whatever the number of
+    processes, while ``sampling_seconds`` adds up every engine's shards and would make a Stage 1 of W engines look
+    W times longer. A file written before that key existed gives ``sampling_seconds`` (the same figure for one
+    process)."""
     import pyarrow.parquet as pq
 
     for path in (values, run.parent / values.name):  # as given (relative to where training ran), or beside the run
         if path.is_file():
-            meta = pq.read_schema(path).metadata or {}
-            return json.loads(meta.get(b"astarpo", b"{}")).get("sampling_seconds")
+            provenance = json.loads((pq.read_schema(path).metadata or {}).get(b"astarpo", b"{}"))
+            return provenance.get("sampling_wall_seconds", provenance.get("sampling_seconds"))
     return None
 
 
@@ -204,7 +209,9 @@ def markdown(rows: list[Row], sources: list[str], plots: list[str]) -> str:
     intro = ("Accuracies in percent (greedy pass@1; avg@k over k samples at the eval temperature; the Average is "
              "over each benchmark's reported figure, avg@k where sampled). KL to ref: "
              "measured on sampled responses by `astarpo eval` or `astarpo bench` where given, else the last training "
-             "step's estimate. Hours are summed step times (Stage 2) and the values file's sampling time (Stage 1).")
+             "step's estimate. Hours are summed step times (Stage 2) and the values file's wall-clock sampling time "
+             "(Stage 1: its busiest engine's, where several sampled side by side; a bench row's Stage 1 ran in one "
+             "process).")
     lines = ["# astarpo report", "", intro, "",
              "Read from:", "", *[f"- {line}" for line in sources], "",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]

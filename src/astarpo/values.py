@@ -53,8 +53,9 @@ FORMAT_VERSION = 1
 _META_KEY = b"astarpo"
 # A shard's seconds of sampling and scoring (the engine's start-up and the model's loading excluded): their sum is
 # the values file's ``sampling_seconds``, Stage 1's cost as `astarpo bench` counts it, also across a resume. With
-# several processes their shards' times add up (process-seconds, not wall-clock); a shard written before this key
-# existed counts 0.
+# several engines their shards' times add up (engine-seconds, not wall-clock); ``sampling_wall_seconds`` is the
+# wall-clock figure: the busiest engine's summed shard times (engines sample side by side). A shard written before
+# this key existed counts 0.
 _SECONDS_KEY = "astarpo_sampling_seconds"
 # Settings that change what is sampled; a resumed run or a training run must agree on them.
 SAMPLING_KEYS = ("reference_model_hash", "reference_tokenizer_hash", "reward", "temperature", "top_p",
@@ -179,7 +180,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
                            n_shards, state, share)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_shards(shards_dir, n_shards, len(records), provenance, start, out)
+        _merge_shards(shards_dir, n_shards, len(records), provenance, start, out, engine_share(cfg).count)
     state.wait_for_everyone()  # the other processes return once rank 0 has written the values file
     return out
 
@@ -271,17 +272,21 @@ def _sample_missing_shards(cfg: ValuesConfig, model_dir: Path, tokenizer: Any, r
 
 
 def _merge_shards(shards_dir: Path, n_shards: int, n_records: int, provenance: dict[str, Any], start: float,
-                  out: Path) -> None:
+                  out: Path, engines: int) -> None:
     """Write the shards' rows, in prompt order, as the values file with the completed provenance (counts, time
-    since ``start``), then delete the shards. Rank 0 only."""
+    since ``start``, sampling time summed over shards and on the busiest of ``engines``: shard k is engine k %
+    engines'), then delete the shards. Rank 0 only."""
     shards = [pq.read_table(_shard_path(shards_dir, k)) for k in range(n_shards)]
-    sampling = sum(json.loads((t.schema.metadata or {}).get(_SECONDS_KEY.encode(), b"0")) for t in shards)
+    seconds = [json.loads((t.schema.metadata or {}).get(_SECONDS_KEY.encode(), b"0")) for t in shards]
+    sampling = sum(seconds)
+    wall = max(sum(seconds[e::engines]) for e in range(engines)) if seconds else 0.0
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in shards])
     skipped = n_records - table.num_rows
     rows = table.column("rewards").to_pylist()
     samples = sum(len(r) for r in rows)
     provenance.update(prompts=table.num_rows, skipped=skipped, samples=samples,
                       seconds=round(time.perf_counter() - start, 2), sampling_seconds=round(sampling, 2),
+                      sampling_wall_seconds=round(wall, 2),
                       created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     table = table.replace_schema_metadata({_META_KEY: json.dumps(provenance).encode()})
     _write_atomic(table, out)

@@ -1,6 +1,7 @@
 """The hybrid engine on vLLM's CPU build: two processes under `accelerate launch`, each with its own vLLM engine
 sampling its own prompts (vLLM's external_launcher executor over the launch's gloo group), or one engine over both
-(``--vllm-tensor-parallel-size 2``), beside DDP, FSDP2, ZeRO-2 and ZeRO-3. After every optimizer step each
+(``--vllm-tensor-parallel-size 2``), beside DDP, FSDP2 and ZeRO-3 (ZeRO-2 is not launched here: the main suite's
+tests/test_sharded.py covers its update, and each launch here costs half a minute). After every optimizer step each
 process's engine gets the policy's whole weights (gathered one tensor at a time from FSDP2's and ZeRO-3's shards).
 
 Each launch starts two engines (eager mode, a 0.25 GiB KV cache each): about half a minute on two cores.
@@ -9,6 +10,7 @@ Each launch starts two engines (eager mode, a 0.25 GiB KV cache each): about hal
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +25,7 @@ pytest.importorskip("deepspeed")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the launcher and the tiny model
 from conftest import build_tiny_model  # noqa: E402
-from launcher import launch, launch_and_kill  # noqa: E402
+from launcher import launch, launch_and_kill, rank_stderr  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from astarpo import EvalConfig, ValuesConfig, compute_values  # noqa: E402
@@ -70,26 +72,64 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _logged(logs: Path, text: str) -> dict[int, list[str]]:
+    """Each rank's log lines that contain ``text``."""
+    return {rank: [line for line in lines if text in line] for rank, lines in rank_stderr(logs).items()}
+
+
+TP_WORLD = "vLLM engine started: tensor-parallel world size"
+
+
+def _cpushm() -> set[str]:
+    """The CPU communicator's files that one engine over ranks 0 and 1 creates (engines._remove_cpu_shm's names)."""
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {n for n in names if n.endswith(("-[0-1]-cpushm_0", "-[0-1]-cpushm_1"))}
+
+
 def test_stage1_with_one_engine_over_two_processes(work, stage1):
-    """One tensor-parallel engine over both processes samples the same rows as one process's engine."""
+    """One tensor-parallel engine over both processes samples the same rows as one process's engine. The rows alone
+    would not show it (two engines of one process each, sharing the shards, sample the same rows: a shard is seeded
+    by its index), so each process's log says the engine it started spans both processes."""
     args = ["--model", str(work / "model"), *ENGINE, "--limit", "12", "--n", "3", "--shard-size", "2",
             "--save-responses", "--vllm-tensor-parallel-size", "2"]
-    launch("ddp", ["values", *args, "--output", "tp2.parquet"], work)
+    logs = work / "launch-logs" / "stage1-tp2"
+    launch("ddp", ["values", *args, "--output", "tp2.parquet"], work, logs=logs)
     assert pd.read_parquet(work / "tp2.parquet").equals(pd.read_parquet(work / "one.parquet"))
-    assert not list(Path("/dev/shm").glob("*cpushm*"))  # its communicator's files are gone: a next launch starts
+    assert _logged(logs, TP_WORLD) == {0: [f"astarpo: {TP_WORLD} 2"], 1: [f"astarpo: {TP_WORLD} 2"]}
+    assert not _cpushm()  # its communicator's files are gone: a next launch starts
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(work, stage1) -> list[dict]:
+    """The metrics of a DDP run with an engine in every process that nobody killed: what every resumed run with
+    engines of one process each must log again."""
+    launch("ddp", _train(work, "whole", "--vllm-tensor-parallel-size", "1"), work)
+    return _metrics(work / "whole")
+
+
+# How close a resumed run's steps must be to the uninterrupted run's: the same samples (the engines' random streams
+# are restored) give the same rewards; losses differ by float32 summation order between strategies at most.
+RESUME_TOLERANCE = 1e-4
 
 
 @pytest.mark.parametrize("strategy,tensor_parallel", [("ddp", 1), ("fsdp2", 1), ("zero3", 1), ("fsdp2", 2)])
-def test_astarpo_with_an_engine_in_every_process_trains_and_resumes(strategy, tensor_parallel, work, stage1):
+def test_astarpo_with_an_engine_in_every_process_trains_and_resumes(strategy, tensor_parallel, work, stage1,
+                                                                    uninterrupted):
     """Killed once its first checkpoint exists, then run again: it resumes, and every step's responses were
-    sampled by engines holding the policy (the engines' log-probs equal the training model's). With
-    ``tensor_parallel`` 2 both processes run one engine, which samples both processes' prompts."""
+    sampled by engines holding the policy (the engines' log-probs equal the training model's). With engines of
+    one process each its steps are the uninterrupted DDP run's (rewards, V*, losses, log-ratios and lengths, to
+    :data:`RESUME_TOLERANCE`), whatever the strategy. With ``tensor_parallel`` 2 both processes run one engine,
+    which samples both processes' prompts from its one random stream: other samples, so not compared."""
     run = work / f"{strategy}-tp{tensor_parallel}"
     args = _train(work, run.name, "--vllm-tensor-parallel-size", str(tensor_parallel))
     launch_and_kill(strategy, args, work, until=run / "checkpoints" / "step-000001")
     assert "resumed from" in launch(strategy, args, work)
     metrics = _metrics(run)
     assert [m["step"] for m in metrics] == [1, 2]
+    if tensor_parallel == 1:
+        for got, want in zip(metrics, uninterrupted, strict=True):
+            for key in ("reward", "v_star", "loss", "log_ratio", "response_length"):
+                assert abs(got[key] - want[key]) <= RESUME_TOLERANCE, (got["step"], key, got[key], want[key])
     assert all(m["sampler_logp_diff_max"] < 1e-3 for m in metrics), [m["sampler_logp_diff_max"] for m in metrics]
     start, final = load_file(work / "model" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
     assert max(float((final[k] - start[k]).abs().max()) for k in final) > 1e-3  # it trained
@@ -109,10 +149,19 @@ def test_lora_with_an_engine_in_every_process_under_fsdp2(work, stage1):
 @pytest.mark.parametrize("tensor_parallel", [1, 2])
 def test_eval_is_data_parallel(tensor_parallel, work):
     """`astarpo eval` in two processes, with two engines (each scores half the prompts) or one engine over both:
-    every prompt's greedy answer and the greedy figures equal one process's; rank 0 writes the result."""
+    every prompt's greedy answer and the greedy figures equal one process's; rank 0 writes the result. Every
+    process scoring every prompt would give the same result, so each process's log says which prompts it scored
+    (with one engine over both, both processes do the engine's work: all the prompts)."""
     args = ["eval", "--model", str(work / "model"), *ENGINE, "--limit", "6", "--k", "2"]
+    logs = work / "launch-logs" / f"eval-tp{tensor_parallel}"
     launch("ddp", [*args, "--vllm-tensor-parallel-size", str(tensor_parallel), "--output", f"e{tensor_parallel}.json"],
-           work)
+           work, logs=logs)
+    scored = {0: ["astarpo: eval: process 0, engine 0 of 2, scores prompts [0, 3) of 6"],
+              1: ["astarpo: eval: process 1, engine 1 of 2, scores prompts [3, 6) of 6"]} if tensor_parallel == 1 else \
+             {0: ["astarpo: eval: process 0, engine 0 of 1, scores prompts [0, 6) of 6"],
+              1: ["astarpo: eval: process 1, engine 0 of 1, scores prompts [0, 6) of 6"]}
+    assert _logged(logs, "scores prompts") == scored
+    assert _logged(logs, TP_WORLD) == {r: [f"astarpo: {TP_WORLD} {tensor_parallel}"] for r in (0, 1)}
     one = work / "e-one.json"
     if not one.exists():
         run_eval(EvalConfig(model=str(work / "model"), engine="vllm", vllm_enforce_eager=True, vllm_kv_cache_gb=0.25,

@@ -286,34 +286,43 @@ def test_a_process_runs_one_engine_and_other_settings_replace_it(vllm_model, tmp
     assert evaluation.llm.llm_engine.model_config.max_model_len == 128 + ENGINE["max_new_tokens"]
 
 
-def test_bench_samples_and_scores_with_vllm_and_counts_stage1_sampling_alone(tmp_path):
-    """`astarpo bench --engine vllm`: Stage 1 and every method's steps sample with vLLM, the checkpoints' greedy
-    answers come from one engine in the scoring process, and A*-PO's Stage 1 time is its sampling time alone
-    (the values file's), not its process's. A model of its own: the bench's engine settings are not ENGINE's."""
-    model = build_tiny_model(tmp_path / "model", hidden_size=64)
-    cfg = BenchConfig(model=str(model), algos="astarpo,grpo", engine="vllm", steps=2, eval_every=1, batch_size=2,
-                      train_prompts=8, seeds="0", learning_rates="astarpo=1e-5,grpo=2e-5", max_new_tokens=8,
-                      eval_limit=8, validation_prompts=4, kl_prompts=2, output_dir=str(tmp_path / "b"))
-    report = bench(cfg)
-    values = read_values(tmp_path / "b" / "seed0" / "values.parquet").provenance
-    a, g = report["methods"]["astarpo"], report["methods"]["grpo"]
-    assert values["engine"] == "vllm" and 0 < values["sampling_seconds"] < values["seconds"]
-    assert a["stage1_seconds"] == round(values["sampling_seconds"], 1) and g["stage1_seconds"] == 0
-    assert (a["learning_rate"], g["learning_rate"], g["samples_per_step"]) == (1e-5, 2e-5, 16)
-    for name in ("astarpo", "grpo"):
-        run = json.loads((tmp_path / "b" / "seed0" / f"lr{report['methods'][name]['learning_rate']:g}" / name
-                          / "train_config.json").read_text())
-        assert (run["engine"], run["max_new_tokens"], run["vllm_enforce_eager"]) == ("vllm", 8, True)
-        assert [c["step"] for c in report["methods"][name]["curve"]] == [0, 1, 2]
-    assert _engines_of(model) == 1  # the scorer's
-    assert report["grpo_final_accuracy"] == g["accuracy"] and "Learning rates as given" in (
-        tmp_path / "b" / "bench.md").read_text()
-
-
-def test_the_paper_regime_preset_trains_several_epochs_on_vllm():
-    cfg = BenchConfig(paper_regime=True)
-    assert cfg.engine == "vllm" and cfg.algo_names == ["astarpo", "grpo", "ppo", "rebel"]
-    assert all(len(r) == 1 for r in cfg.rates.values())  # rates given per method: no sweep
-    assert cfg.steps * cfg.batch_size // cfg.train_prompts == 8 and cfg.steps % cfg.eval_every == 0
+def test_the_paper_regime_preset_trains_several_epochs_on_vllm(tmp_path):
+    """`astarpo bench --paper-regime`, shrunk to a tiny scale (its sizes only: 2 training prompts, 2 steps of 2, one
+    segment, one seed) on a model of its own (the bench's engine settings are not ENGINE's): what the preset
+    promises, from what the bench wrote. The paper's four methods each train once, at the preset's own rate (no
+    sweep), on one fixed prompt set visited several times (2 epochs here), all sampling with vLLM; A*-PO's Stage 1
+    runs once, with vLLM, on that set, and its time is its sampling time alone (the values file's), not its
+    process's; the checkpoints' greedy answers come from one engine in the scoring process."""
     with pytest.raises(ConfigError, match="paper_regime sets steps itself"):
         BenchConfig(paper_regime=True, steps=4)
+    model = build_tiny_model(tmp_path / "model", hidden_size=64)
+    cfg = BenchConfig(paper_regime=True, model=str(model), seeds="0", output_dir=str(tmp_path / "b"))
+    preset = {name: getattr(cfg, name) for name in ("algos", "engine", "learning_rates")}
+    epochs = cfg.steps * cfg.batch_size // cfg.train_prompts
+    assert epochs == 8 and cfg.steps % cfg.eval_every == 0
+    tiny = {"train_prompts": 2, "batch_size": 2, "steps": 2, "eval_every": 2, "max_new_tokens": 8, "eval_limit": 6,
+            "validation_prompts": 2, "kl_prompts": 2}
+    for name, value in tiny.items():  # set after the preset's check, which refuses them as arguments
+        setattr(cfg, name, value)
+    report = bench(cfg)
+
+    assert report["settings"]["algos"] == preset["algos"] == "astarpo,grpo,ppo,rebel"
+    rates = {k: float(v) for k, v in (x.split("=") for x in preset["learning_rates"].split(","))}
+    assert set(report["methods"]) == set(rates)
+    out = tmp_path / "b" / "seed0"
+    values = read_values(out / "values.parquet")
+    assert len(values.ids) == cfg.train_prompts and values.provenance["engine"] == "vllm"  # Stage 1 once, on the set
+    assert 0 < values.provenance["sampling_seconds"] < values.provenance["seconds"]
+    for name, m in report["methods"].items():
+        assert m["learning_rate"] == rates[name] and len(report["learning_rate_sweep"][name]) == 1
+        assert [p.parent.name for p in out.glob(f"lr*/{name}")] == [f"lr{rates[name]:g}"]  # trained once: no sweep
+        run = out / f"lr{rates[name]:g}" / name
+        train = json.loads((run / "train_config.json").read_text())
+        assert (train["engine"], train["limit"], train["batch_size"], train["steps"], train["max_new_tokens"]) == \
+               ("vllm", cfg.train_prompts, cfg.batch_size, cfg.steps, 8)
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2] and cfg.steps * cfg.batch_size // cfg.train_prompts == 2  # every prompt visited twice
+        assert [c["step"] for c in m["curve"]] == [0, 2]
+        assert m["stage1_seconds"] == (round(values.provenance["sampling_seconds"], 1) if name == "astarpo" else 0)
+    assert _engines_of(model) == 1  # the scorer's
+    assert report["grpo_final_accuracy"] == report["methods"]["grpo"]["accuracy"]
