@@ -104,6 +104,8 @@ class PlainGenerateSampler:
     its own copy of the weights, refreshed by load_weights after every update (as an external engine would be),
     and nothing to free while the policy updates (sleep)."""
 
+    uses_policy = False  # its own copy: it samples as it is, outside the policy's autocast and gathering
+
     def __init__(self, model, tokenizer, eos):
         import copy
 

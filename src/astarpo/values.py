@@ -180,7 +180,7 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
                            n_shards, state, share)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_shards(shards_dir, n_shards, len(records), provenance, start, out, engine_share(cfg).count)
+        _merge_shards(shards_dir, n_shards, len(records), provenance, start, out, share.count)
     state.wait_for_everyone()  # the other processes return once rank 0 has written the values file
     return out
 
