@@ -23,26 +23,31 @@ def _module_name(path: Path) -> str:
 def import_graph() -> dict[str, set[str]]:
     """Each module of the package -> the package's modules it imports, at the top or inside a function.
 
-    Importing ``a.b.c`` runs ``a.b`` first, so that counts as importing both. Imports of a module's own
-    packages are left out: Python runs a package's ``__init__`` before any of its modules, so a module reading a
-    name its package defined (``from . import __version__``, a registry's ``register``) closes no circle.
+    Importing ``a.b.c`` runs ``a.b`` first, so that counts as importing both; but that a module's own packages
+    run first closes no circle. A module reading a name from the package's own ``__init__`` (``from . import
+    __version__``) does count: it works only while ``__init__`` defines the name above the line that imports the
+    module. A sub-package's plugin registry (its modules reading its ``register``) is left out.
     """
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        targets = set()
+        targets, read_from_root = set(), False
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and node.level:
                 base = package.rsplit(".", node.level - 1)[0]
                 target = f"{base}.{node.module}" if node.module else base
-                targets |= {f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names}
+                names = {f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names}
+                read_from_root |= PACKAGE.name in names
+                targets |= names
             elif isinstance(node, ast.Import):
                 targets |= {a.name for a in node.names if a.name.split(".")[0] == PACKAGE.name}
             elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == PACKAGE.name:
                 targets.add(node.module)
         targets |= {t.rsplit(".", i)[0] for t in targets for i in range(1, t.count(".") + 1)}
         graph[name] = {t for t in targets if t in modules and not (name + ".").startswith(t + ".")}
+        if read_from_root and name != PACKAGE.name:
+            graph[name].add(PACKAGE.name)
     return graph
 
 

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import yaml
 
-from . import __version__, rewards
+from . import rewards
+from ._version import __version__
 from .config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
 from .data import encode_prompts, load_records
 from .engines import COLOCATED_GPU_SHARE, make_sampler

@@ -38,7 +38,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from . import __version__, rewards
+from . import rewards
+from ._version import __version__
 from .config import CommonConfig, TrainConfig, ValuesConfig
 from .data import load_prompts
 from .distributed import whole_weights_on_every_process
