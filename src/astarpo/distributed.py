@@ -203,8 +203,7 @@ def ready_for_generation(acc: Accelerator, model: Any, gather: bool = True) -> I
 
     ``gather``: gather the weights once for the block, not once per token. Both strategies gather a layer's
     weights in every forward pass and free them after it, so sampling T tokens would gather the whole model T
-    times. Measured with 2 CPU processes over gloo (SmolLM2-135M, GRPO, 16 samples of 32 tokens per process),
-    generation per step: DDP 3.1 s; FSDP2 13.5 s, 4.1 s gathered once; ZeRO-3 43-72 s, 6-8 s gathered once. The
+    times (the README, "Sharded training", has the measured generation times with and without). The
     price: while sampling, every GPU holds the whole weights in the compute dtype, as under DDP (``astarpo plan``
     counts them in the generation phase); ``gather=False`` (``--no-gather-for-generation``) keeps the least memory.
     FSDP2 keeps each layer gathered from its first forward pass to the end of the block. ZeRO-3 goes through TRL's
@@ -414,8 +413,8 @@ def leave_processes() -> None:
     Python objects need the GIL; a thread that asks for the GIL while the interpreter finalizes is ended inside
     that C++ destructor, and ``std::terminate`` aborts: "terminate called without an active exception", SIGABRT,
     on the rank that leaves right after its last collective (rank 1: rank 0 still writes and prints). Core dump
-    of a reproduction (two gloo processes, FSDP2, rank 0 leaving 0-0.4 s after rank 1: 3 aborts in 159 runs on
-    two busy cores): ``ProcessGroupGloo::runLoop`` > ``~AsyncBarrierWork`` > ``~AsyncAllgatherCoalescedWork`` >
+    of a reproduction (two gloo processes, FSDP2, rank 0 leaving just after rank 1; rare, on busy cores):
+    ``ProcessGroupGloo::runLoop`` > ``~AsyncBarrierWork`` > ``~AsyncAllgatherCoalescedWork`` >
     ``TensorImpl::decref_pyobject`` > ``gil_scoped_acquire`` > ``take_gil`` > ``PyThread_exit_thread`` >
     ``std::terminate``, with the main thread in ``Py_FinalizeEx``. ``destroy_process_group`` cannot prevent it:
     the groups even outlive it, held by the DDP reducer, FSDP2's mesh and DeepSpeed, threads included. With

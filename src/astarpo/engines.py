@@ -16,13 +16,12 @@ by our tokenizer with special tokens skipped. vLLM also returns each sampled tok
 as the trainer computes them); they are kept on the Rollout (``sampler_logp``) so that Stage 2 can report how far
 the engine's numbers are from the training model's.
 
-The sampler/trainer gap: with the engine in the policy's dtype (float32, the default) it is numerical noise
-(SmolLM2-135M: |sum log pi_vLLM - sum log pi| about 5e-5 nats per 24-token response; the tiny test model: below
-1e-5), far below anything a ratio would correct. A bfloat16 engine under a float32 policy (``vllm_dtype
-bfloat16``) is another matter: 0.23 nats per 39-token response on average, 0.78 at most (signed mean +0.09):
-material for objectives with importance ratios (GRPO, RLOO, PPO), which then take ``--tis-cap`` (truncated
-importance sampling, ``objectives.truncated_is_weight``); A*-PO's loss has no ratio, and samples from a
-distribution 0.09 nats away shift its regression target only slightly. The gap is logged every step either way.
+The sampler/trainer gap (measured in the README, "Generation engines"): with the engine in the policy's dtype
+(float32, the default) it is numerical noise, far below anything a ratio would correct. A bfloat16 engine under a
+float32 policy (``vllm_dtype bfloat16``) is another matter: material for objectives with importance ratios (GRPO,
+RLOO, PPO), which then take ``--tis-cap`` (truncated importance sampling, ``objectives.truncated_is_weight``);
+A*-PO's loss has no ratio, and samples from a slightly other distribution shift its regression target only
+slightly. The gap is logged every step either way.
 """
 
 from __future__ import annotations
