@@ -66,12 +66,12 @@ def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model
     first: two engines would hold two shares of the GPU, and vLLM allows one sleep-mode engine per process.
     Each engine draws from its own random stream: it is seeded with ``cfg.seed`` + its index (:func:`engine_share`).
     """
-    if cfg.engine == "hf":
+    if sampler_class(cfg) is HFSampler:
         return HFSampler(model, tokenizer, eos_ids(model, tokenizer), cfg.generation_batch_size)
     model_dir = Path(model_dir)
     adapter = model_dir / "adapter_config.json"
     base = Path(json.loads(adapter.read_text())["base_model_name_or_path"]) if adapter.is_file() else model_dir
-    settings = dict(dtype=cfg.vllm_dtype or cfg.dtype, max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+    settings = dict(dtype=VLLMSampler.weights_dtype(cfg), max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
                     tensor_parallel_size=cfg.vllm_tensor_parallel_size, kv_cache_gb=cfg.vllm_kv_cache_gb,
                     enforce_eager=cfg.vllm_enforce_eager, trust_remote_code=cfg.trust_remote_code,
                     sleep_mode=cfg.vllm_sleep_mode, max_num_seqs=cfg.generation_batch_size,
@@ -89,6 +89,12 @@ def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model
     if adapter.is_file():
         sampler.load_weights(model)
     return sampler
+
+
+def sampler_class(cfg: CommonConfig) -> type[Sampler]:
+    """The class of the engine ``cfg.engine`` names, which the commands ask what it needs (see :class:`Sampler`)
+    before one is built."""
+    return HFSampler if cfg.engine == "hf" else VLLMSampler
 
 
 def shutdown_engines() -> None:
@@ -369,6 +375,11 @@ class VLLMSampler:
     """
 
     uses_policy = False  # it samples with its own copy of the weights, pushed by load_weights
+    starts_together = True  # under a launch, over the launch's process group (the external launcher)
+
+    @staticmethod
+    def weights_dtype(cfg: CommonConfig) -> str:
+        return cfg.vllm_dtype or cfg.dtype
 
     def __init__(self, model_dir: str | Path, tokenizer: Any, eos: list[int], *, dtype: str = "float32",
                  seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = ALONE_GPU_SHARE,

@@ -25,7 +25,7 @@ from .benchmarks import get_benchmark, load_benchmark, reported
 from .checkpoint import read_run_file
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
-from .engines import ALONE, ALONE_GPU_SHARE, EngineShare, engine_share, make_sampler
+from .engines import ALONE, ALONE_GPU_SHARE, EngineShare, engine_share, make_sampler, sampler_class
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, collect
 from .logprobs import sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
@@ -273,7 +273,7 @@ def _models_and_sampler(cfg: EvalConfig, model_dir: Path, reference: str | None,
         models.append(load_model(resolve_model(reference), cfg.dtype, cfg.trust_remote_code))
     device = PartialState(cpu=cpu_processes()).device
     gpu_share = ALONE_GPU_SHARE
-    if cfg.engine == "vllm" and device.type == "cuda":
+    if not sampler_class(cfg).uses_policy and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         gpu_share = engine_gpu_share(free, total, sum(_bytes(m) for m in models))
     sampler = make_sampler(cfg, model_dir, tokenizer, models[0], gpu_share=gpu_share)

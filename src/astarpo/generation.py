@@ -72,12 +72,21 @@ class Sampler(Protocol):
     """A generation engine. Stage 2 calls ``load_weights`` after every optimizer step, so that the next samples
     come from the updated policy.
 
-    ``uses_policy``: it samples with the policy's own model in this process, so it runs under the policy's
-    autocast and, under FSDP2 or ZeRO-3, with its weights gathered; otherwise it holds a copy of its own, which
-    must run as it is (an engine's kernels under another process's autocast compute in the wrong dtype).
+    What the commands ask an engine (its class, before one is built):
+
+    - ``uses_policy``: it samples with a Hugging Face model this process holds (Stage 2's policy, Stage 1's
+      reference), so that model must be loaded here, and in training it runs under the policy's autocast and,
+      under FSDP2 or ZeRO-3, with its weights gathered; otherwise it holds a copy of its own, which must run as it
+      is (its kernels under another autocast would compute in the wrong dtype), and is sized beside the models.
+    - ``starts_together``: under a launch its start is a collective, so every process starts one or none.
+    - ``weights_dtype(cfg)``: the dtype it samples in, which a values file records.
     """
 
     uses_policy: bool
+    starts_together: bool
+
+    @staticmethod
+    def weights_dtype(cfg: Any) -> str: ...
 
     def generate(self, prompt_tokens: list[list[int]], n: int, params: SamplingParams,
                  progress: Callable[[int], None] | None = None) -> Rollout:
@@ -101,6 +110,11 @@ class HFSampler:
     """
 
     uses_policy = True
+    starts_together = False
+
+    @staticmethod
+    def weights_dtype(cfg: Any) -> str:
+        return cfg.dtype
 
     def __init__(self, model: Any, tokenizer: Any, eos: list[int], batch_size: int = 64) -> None:
         self.model, self.tokenizer, self.eos, self.batch_size = model, tokenizer, eos, batch_size

@@ -43,7 +43,7 @@ from ._version import __version__
 from .config import CommonConfig, TrainConfig, ValuesConfig
 from .data import load_prompts
 from .distributed import whole_weights_on_every_process
-from .engines import EngineShare, engine_share, make_sampler
+from .engines import EngineShare, engine_share, make_sampler, sampler_class
 from .generation import Sampler, SamplingParams, collect, sampling_settings
 from .models import content_hash, load_model, load_tokenizer, resolve_model, tokenizer_hash
 from .rundir import atomic_path, check_writable, diff_settings
@@ -194,7 +194,7 @@ def _provenance(cfg: ValuesConfig, model_dir: Path, reward_name: str) -> dict[st
         **reference_provenance(cfg, model_dir, reward_name), "n": cfg.n, "seed": cfg.seed, "data": cfg.data,
         "split": cfg.split, "limit": cfg.limit, "max_prompt_tokens": cfg.max_prompt_tokens,
         "shard_size": cfg.shard_size, "engine": cfg.engine,
-        "dtype": cfg.vllm_dtype or cfg.dtype if cfg.engine == "vllm" else cfg.dtype,
+        "dtype": sampler_class(cfg).weights_dtype(cfg),
     }
     if cfg.adaptive:  # only then, so that files from fixed-N runs keep matching their settings
         provenance.update(n=None, adaptive=True, round_size=cfg.round_size, n_max=cfg.n_max, beta1=cfg.beta1,
@@ -246,13 +246,13 @@ def _sample_missing_shards(cfg: ValuesConfig, model_dir: Path, tokenizer: Any, r
     per_prompt = cfg.n_max if cfg.adaptive else cfg.n  # at most, for the progress bar
     mine = range(share.index, n_shards, share.count)
     todo = [k for k in mine if not _shard_path(shards_dir, k).exists()]
-    wanted = bool(todo)
-    if cfg.engine == "vllm" and state.num_processes > 1:
+    wanted, engine = bool(todo), sampler_class(cfg)
+    if engine.starts_together and state.num_processes > 1:
         wanted = any(gather_object([wanted]))
     if not wanted:
         return
-    model = None  # vLLM loads the weights itself
-    if cfg.engine == "hf":
+    model = None  # an engine with weights of its own loads them itself
+    if engine.uses_policy:
         with whole_weights_on_every_process():  # sampling only: a whole copy per process, no FSDP
             model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
     sampler = make_sampler(cfg, model_dir, tokenizer, model)
