@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -209,6 +210,14 @@ class Objective:
         self.inputs = self.inputs | (self.kl_inputs if beta > 0 else frozenset())
         if tis_cap is not None:
             self.inputs = self.inputs | {"sampler_logp"}
+
+    @classmethod
+    def from_config(cls, cfg: Any, all_sum: Callable[[Tensor], Tensor] = lambda t: t) -> Objective:
+        """This method built from a TrainConfig's settings: its own coefficient (``cfg.coefficient``: the field
+        ``cls.coefficient`` names), and the clip range, group size, GAE lambda and TIS cap where the method reads
+        them (the config refuses the others, see ``settings``), so that the trainer passes no method's knobs."""
+        return cls(cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size, gae_lambda=cfg.gae_lambda,
+                   all_sum=all_sum, tis_cap=cfg.tis_cap)
 
     def tis(self, b: Batch, per_token: bool = True) -> Tensor | float:
         """The TIS weight of each token (or, ``per_token`` False, of each sequence); 1 without TIS."""

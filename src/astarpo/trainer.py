@@ -73,9 +73,7 @@ class Trainer:
         # run one vLLM engine: they draw the same numbers, as vLLM's external launcher needs)
         self.share = engine_share(cfg)
         set_seed(cfg.seed + self.share.index)
-        self.objective = OBJECTIVES[cfg.algo](cfg.coefficient, clip_eps=cfg.clip_eps, group_size=cfg.group_size,
-                                              gae_lambda=cfg.gae_lambda, all_sum=lambda t: all_sum(acc, t),
-                                              tis_cap=cfg.tis_cap)
+        self.objective = OBJECTIVES[cfg.algo].from_config(cfg, all_sum=lambda t: all_sum(acc, t))
         check_supported(acc, critic=self.objective.trains_critic)
         self.model_dir = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
