@@ -177,9 +177,8 @@ def worker(out: Path, train_args: list[str]) -> None:
     Writes ``out/worker-<rank>.json``."""
     from astarpo.cli import parser
     from astarpo.config import TrainConfig, build
-    from astarpo.distributed import leave_processes
-    from astarpo.engines import release_engines
     from astarpo.generation import SamplingParams
+    from astarpo.launch import finish
     from astarpo.trainer import Trainer
     from astarpo.utils import rng_states, set_rng_states
 
@@ -191,7 +190,7 @@ def worker(out: Path, train_args: list[str]) -> None:
     prompts = trainer.prompt_ids[:4]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     result: dict[str, Any] = {"rank": acc.process_index, "processes": acc.num_processes, "device": device,
-                              "strategy": str(acc.distributed_type), "engine_sleep_mode": sampler.sleep_mode}
+                              "strategy": str(acc.distributed_type), "engine_sleep_mode": sampler.can_sleep}
 
     # Before the first step, from the random state it would sample from (restored afterwards: it still does).
     rng = rng_states()
@@ -220,8 +219,7 @@ def worker(out: Path, train_args: list[str]) -> None:
     peak = memory.peak if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result.update(peak_memory_gb=peak / 2**30, update_memory_gb=memory.phase_peak["update"] / 2**30)
     (out / f"worker-{acc.process_index}.json").write_text(json.dumps(result))
-    release_engines()
-    leave_processes()
+    finish()
 
 
 def vllm_version() -> str | None:

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from astarpo import distributed
-from astarpo.distributed import full_state_dict, leave_processes, make_accelerator, whole_weights
+from astarpo.distributed import full_state_dict, make_accelerator, whole_weights
+from astarpo.launch import finish
 
 out = Path(sys.argv[1])
 acc = make_accelerator(micro_batch_size=1, max_grad_norm=1.0)
@@ -44,5 +45,4 @@ for dtype in (None, torch.bfloat16):
 dist.all_gather_into_tensor = all_gather_into_tensor
 torch.save({"runs": runs, "order": list(policy.state_dict()), "full": full_state_dict(acc, model)},
            out / f"rank{acc.process_index}.pt")
-acc.wait_for_everyone()
-leave_processes()
+finish()

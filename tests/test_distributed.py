@@ -13,7 +13,8 @@ import torch
 from launcher import rank_logs, rank_stderr
 from safetensors.torch import load_file
 
-from astarpo.engines import EngineShare
+from astarpo import launch
+from astarpo.launch import Launch
 from astarpo.values import read_values
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -34,9 +35,20 @@ def _run(args: list[str], processes: int, cwd: Path) -> Path:
 
 
 def test_engines_split_work_into_contiguous_blocks():
-    blocks = [list(EngineShare(e, 3).block(8)) for e in range(3)]
+    blocks = [list(Launch(e, 3, e, e, 3).engine_block(8)) for e in range(3)]
     assert blocks == [[0, 1, 2], [3, 4, 5], [6, 7]]
-    assert list(EngineShare().block(4)) == [0, 1, 2, 3] and list(EngineShare(2, 3).block(2)) == []
+    assert list(Launch().engine_block(4)) == [0, 1, 2, 3] and list(Launch(2, 3, 2, 2, 3).engine_block(2)) == []
+
+
+def test_training_rows_spread_every_mini_batch_and_an_engine_samples_its_processes_rows():
+    """Process r takes rows r, r + W, ...; with engines of two processes, engine e samples the rows of processes
+    2e and 2e + 1, and those processes speak once per engine."""
+    four = [Launch(r, 4, r, r // 2, 2) for r in range(4)]
+    assert [p.process_rows(8) for p in four] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert [p.engine_rows(8) for p in four] == [[0, 1, 4, 5]] * 2 + [[2, 3, 6, 7]] * 2
+    assert [p.speaks for p in four] == [True, False, True, False]
+    assert [list(p.engine_processes) for p in four] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert Launch().process_rows(3) == Launch().engine_rows(3) == [0, 1, 2]
 
 
 def test_two_processes_match_one(tiny_model, tmp_path):
@@ -126,3 +138,19 @@ def test_eval_is_data_parallel(tiny_model, tmp_path):
         assert 0 <= b["avg_at_k"] <= b["pass_at_k"] <= 1
         assert abs(b["kl_to_ref"]) < 1e-6  # the reference is the model itself
     assert (tmp_path / "two.md").is_file() and not (tmp_path / "two.json.parts").exists()
+
+
+def test_finish_runs_each_registered_clean_up_once_and_returns_in_a_single_process(monkeypatch):
+    """An engine registers its clean-up when it starts (every start, one registration); a single process's command
+    ends without leaving anything (its engine stays for reuse, the process goes on)."""
+    monkeypatch.setattr(launch, "_AT_FINISH", [])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    calls = []
+
+    def clean_up():
+        calls.append(1)
+
+    launch.at_finish(clean_up)
+    launch.at_finish(clean_up)
+    launch.finish()
+    assert calls == [1]

@@ -80,7 +80,8 @@ def check_resume(out: Path, cfg: TrainConfig) -> None:
 
 
 class RunState:
-    """A Stage 2 run's folder: its config, checkpoints, resume and final model, for ``acc``'s prepared models.
+    """A Stage 2 run's folder: its config, metrics log, checkpoints, resume and final model, for ``acc``'s prepared
+    models.
 
     ``run_info`` is written into every checkpoint and the final model as the run file (which reference model, which
     reward, which algorithm), which ``astarpo eval`` reads to measure KL against the right reference.
@@ -109,6 +110,23 @@ class RunState:
         if self.acc.is_main_process:  # from step 0 everything runs again, the step-0 evaluation included
             truncate_jsonl(self.out / "metrics.jsonl", step)
         return step
+
+    def start_log(self) -> None:
+        """The trackers the config reports to (``report_to``), with the config's plain settings."""
+        self.acc.init_trackers("astarpo", config={k: v for k, v in to_dict(self.cfg).items()
+                                                  if isinstance(v, (int, float, str, bool))})
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl`` (rank 0), and the trackers' record of the step."""
+        if not self.acc.is_main_process:
+            return
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.acc.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+
+    def end_log(self) -> None:
+        for tracker in self.acc.trackers:
+            tracker.finish()
 
     def save(self, step: int) -> None:
         self.checkpoints.save(step, self.acc.save_state, lambda d: self._write_run_file(d, step))

@@ -14,8 +14,8 @@ from pathlib import Path
 from .bench import BenchError
 from .config import BenchConfig, ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
 from .data import DataError
-from .distributed import StrategyError, end_failed_process, leave_processes
-from .engines import release_engines
+from .distributed import StrategyError
+from .launch import LayoutError, end_failed_process, finish, is_main_process
 from .report import ReportError
 from .rewards import RewardError
 from .rundir import OutputError
@@ -30,8 +30,8 @@ COMMANDS = {
                            "accuracy and KL side by side"),
 }
 # One-line errors for what the user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (BenchError, ConfigError, DataError, OutputError, ReportError, RewardError, StrategyError, TrainError,
-               ValuesError, FileNotFoundError, KeyError)
+USER_ERRORS = (BenchError, ConfigError, DataError, LayoutError, OutputError, ReportError, RewardError, StrategyError,
+               TrainError, ValuesError, FileNotFoundError, KeyError)
 log = logging.getLogger("astarpo")
 
 
@@ -108,19 +108,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = build(COMMANDS[command][0], args.pop("config", None), **args)
         if command == "values":
-            from accelerate import PartialState
-
             from .values import compute_values
 
             out = compute_values(cfg)
-            if PartialState().is_main_process:  # one line under a multi-process launch, not one per process
+            if is_main_process():  # one line under a multi-process launch, not one per process
                 print(out)  # compute_values has logged its one-line summary
         elif command == "train":
             from .trainer import Trainer
 
             trainer = Trainer(cfg)
             metrics = trainer.train()
-            if trainer.accelerator.is_main_process:
+            if trainer.launch.is_main:
                 print(json.dumps(metrics))
                 from .report import run_row, summary
 
@@ -130,12 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(markdown(bench(cfg)), end="")
         else:
-            from accelerate import PartialState
-
             from .evaluate import markdown_table, run_eval
 
             result = run_eval(cfg)
-            if PartialState().is_main_process:  # every process has the whole result
+            if is_main_process():  # every process has the whole result
                 if cfg.benchmarks:
                     print(markdown_table(result), end="")
                 else:
@@ -148,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         end_failed_process()  # under a launch: at once, with the traceback, so the launcher stops the others
         raise
-    release_engines()  # vLLM's process groups (built over the launch's) go before the launch's own
-    leave_processes()  # under a multi-process launch: ends the process here (why: its docstring)
+    finish()  # under a multi-process launch: ends the process here, in a fixed order (why: its docstring)
     return 0
 
 

@@ -23,7 +23,6 @@ never asks which strategy runs:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import os
@@ -33,9 +32,9 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from .utils import cpu_processes
+from .launch import cpu_processes
 
 STRATEGIES = ("single", "ddp", "fsdp2", "zero2", "zero3")
 
@@ -185,16 +184,6 @@ class Learner:
         for t in self.trained:
             t.optimizer.step()
         return norms[0]
-
-
-def all_sum(acc: Accelerator, x: torch.Tensor) -> torch.Tensor:
-    """``x`` summed over the processes, on the CPU (itself in one process)."""
-    return acc.reduce(x.to(acc.device), "sum").cpu() if acc.num_processes > 1 else x
-
-
-def all_rows(acc: Accelerator, x: torch.Tensor) -> torch.Tensor:
-    """Every process's rows of ``x``, concatenated in process order (``x`` itself in one process)."""
-    return torch.cat(gather_object([x])) if acc.num_processes > 1 else x
 
 
 @contextlib.contextmanager
@@ -394,65 +383,6 @@ def _zero3_device() -> str:
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().current_device_name()
-
-
-def leave_processes() -> None:
-    """End this process once a command that ran in several processes (train, values) has succeeded; every process
-    calls it. In a single process it does nothing and returns.
-
-    1. Wait for the others, then destroy the process group if the command has not (``train`` has, with accelerate's
-       ``end_training``; ``values`` had not: every process exited with its gloo group alive).
-    2. Run the ``atexit`` handlers (logging, the reward worker pools, ``weakref.finalize``) and flush stdout and
-       stderr, then ``os._exit(0)``: no interpreter finalization, no C++ static destructors. The work is done and
-       saved by then; a thread still running is stopped, not waited for.
-
-    Why: gloo's worker threads release the work objects of the last collectives a little after those collectives
-    have returned, and a late release during interpreter finalization aborts the process after all its work is
-    done. Gloo's barrier holds the collectives issued before it (here the all-gathers of the final weights under
-    FSDP2 and ZeRO-3, just before the trainer's last ``wait_for_everyone``); destroying them drops tensors whose
-    Python objects need the GIL; a thread that asks for the GIL while the interpreter finalizes is ended inside
-    that C++ destructor, and ``std::terminate`` aborts: "terminate called without an active exception", SIGABRT,
-    on the rank that leaves right after its last collective (rank 1: rank 0 still writes and prints). Core dump
-    of a reproduction (two gloo processes, FSDP2, rank 0 leaving just after rank 1; rare, on busy cores):
-    ``ProcessGroupGloo::runLoop`` > ``~AsyncBarrierWork`` > ``~AsyncAllgatherCoalescedWork`` >
-    ``TensorImpl::decref_pyobject`` > ``gil_scoped_acquire`` > ``take_gil`` > ``PyThread_exit_thread`` >
-    ``std::terminate``, with the main thread in ``Py_FinalizeEx``. ``destroy_process_group`` cannot prevent it:
-    the groups even outlive it, held by the DDP reducer, FSDP2's mesh and DeepSpeed, threads included. With
-    ``os._exit`` the interpreter never finalizes, so a late release takes the GIL as usual, or the process has
-    ended first.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import sys
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no process leaves while another is still in a collective with it
-        dist.destroy_process_group()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(0)
-
-
-def end_failed_process() -> None:
-    """Under a multi-process launch, end this process at once after an unexpected failure, with its whole
-    traceback on stderr (called inside the ``except`` block). The other processes may be waiting for this one in
-    a collective (the weight push's gathers, a step's all-gather): the launcher stops them as soon as this one
-    exits, whereas a normal exit could itself wait on the process group's threads (see :func:`leave_processes`)
-    and leave them to NCCL's timeout. In a single process it returns, and the exception goes on."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import sys
-    import traceback
-
-    traceback.print_exc()
-    print(f"astarpo: process {os.environ.get('RANK', '?')} failed (above); ending it so that the launch stops",
-          file=sys.stderr)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(1)
 
 
 def as_float(x: Any) -> float:

@@ -30,19 +30,18 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-from accelerate import PartialState
 
 from .config import VLLM_MISSING, CommonConfig
-from .distributed import StrategyError, whole_weights
+from .distributed import whole_weights
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, _trim
+from .launch import Launch, at_finish
 from .models import eos_ids, load_model
-from .utils import cpu_processes, rng_states, set_rng_states
+from .utils import rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 CPU_KV_CACHE_GB = 4.0  # vLLM's CPU build will not start without a KV cache size; ours when none is given
@@ -54,8 +53,8 @@ ALONE_GPU_SHARE = 0.9  # values' default: the engine alone on its GPUs
 ENGINE_BATCH_TOKENS = 8192  # tokens per engine step (chunked prefill): vLLM's offline default on most GPUs
 
 
-def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model: Any = None,
-                 gpu_share: float = ALONE_GPU_SHARE) -> Sampler:
+def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model: Any = None, *,
+                 gpu_share: float = ALONE_GPU_SHARE, launch: Launch | None = None) -> Sampler:
     """The engine ``cfg.engine`` names. ``model`` is the HF model an ``hf`` sampler samples from; a ``vllm``
     sampler loads ``model_dir`` itself (a LoRA checkpoint: its base model, then ``model``'s merged weights), with
     ``cfg.vllm_gpu_memory_utilization`` or else ``gpu_share`` of each GPU, as the caller knows what else is there.
@@ -64,7 +63,8 @@ def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model
     the same settings (Stage 1, then Stage 2, then evaluation, as the quickstart does) gets the same engine, its
     weights reloaded from ``model_dir`` if they were replaced. A call with other settings shuts the old engine down
     first: two engines would hold two shares of the GPU, and vLLM allows one sleep-mode engine per process.
-    Each engine draws from its own random stream: it is seeded with ``cfg.seed`` + its index (:func:`engine_share`).
+    Each engine draws from its own random stream: it is seeded with ``cfg.seed`` + its index in ``launch`` (the
+    command's, :func:`layout` when not given).
     """
     if sampler_class(cfg) is HFSampler:
         return HFSampler(model, tokenizer, eos_ids(model, tokenizer), cfg.generation_batch_size)
@@ -75,14 +75,14 @@ def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model
                     tensor_parallel_size=cfg.vllm_tensor_parallel_size, kv_cache_gb=cfg.vllm_kv_cache_gb,
                     enforce_eager=cfg.vllm_enforce_eager, trust_remote_code=cfg.trust_remote_code,
                     sleep_mode=cfg.vllm_sleep_mode, max_num_seqs=cfg.generation_batch_size,
-                    seed=cfg.seed + engine_share(cfg).index)
+                    seed=cfg.seed + (launch or layout(cfg)).engine_index)
     key = (str(base.resolve()), tuple(sorted(settings.items())))
     sampler = _ENGINES.get(key)
     if sampler is None:
         shutdown_engines()
         sampler = _ENGINES[key] = VLLMSampler(base, tokenizer, _eos(base, tokenizer),
                                               gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or gpu_share,
-                                              **settings)
+                                              launch=launch or layout(cfg), **settings)
     elif sampler.weights_replaced:
         sampler.load_weights_from(base)
     sampler.tokenizer = tokenizer
@@ -95,6 +95,11 @@ def sampler_class(cfg: CommonConfig) -> type[Sampler]:
     """The class of the engine ``cfg.engine`` names, which the commands ask what it needs (see :class:`Sampler`)
     before one is built."""
     return HFSampler if cfg.engine == "hf" else VLLMSampler
+
+
+def layout(cfg: CommonConfig) -> Launch:
+    """This process's launch, its engines as large as ``cfg``'s engine runs them (and the layout checked)."""
+    return Launch.current(sampler_class(cfg).processes_per_engine(cfg))
 
 
 def shutdown_engines() -> None:
@@ -250,58 +255,10 @@ def _checkpoint_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
-@dataclass(frozen=True)
-class EngineShare:
-    """This process's place in data-parallel sampling, whose unit is the engine rather than the process.
-
-    Under a launch of W processes with ``vllm_tensor_parallel_size`` t, processes t*e ... t*e + t - 1 run engine e
-    together (vLLM's tensor-parallel groups are consecutive ranks): ``index`` e of ``count`` W // t engines.
-    vLLM's external launcher runs a scheduler in every process of an engine and relies on them all being given
-    the same requests and drawing the same random numbers, so the processes of one engine do the same sampling
-    work with the same seeds; the first of them (``speaks``) keeps what it produced. With the HF engine, or
-    t = 1, every process is an engine of its own.
-    """
-
-    index: int = 0
-    count: int = 1
-    speaks: bool = True
-
-    def block(self, n: int) -> range:
-        """This engine's contiguous part of ``n`` items (the first ``n % count`` engines take one more)."""
-        per, extra = divmod(n, self.count)
-        lo = self.index * per + min(self.index, extra)
-        return range(lo, lo + per + (self.index < extra))
-
-
-ALONE = EngineShare()  # a single process: one engine, all the work
-
-
-def engine_share(cfg: CommonConfig) -> EngineShare:
-    """Which engine this process runs (see :class:`EngineShare`). The one check of the tensor-parallel layout, made
-    by every command before any model loads: a StrategyError if the launch's processes do not divide into engines
-    of ``vllm_tensor_parallel_size``, or if a single process asks for an engine over several.
-
-    A single process would get vLLM's own worker processes, which sample with their own random streams (a shard's
-    seed never reaches them, so Stage 1 would not be reproducible) and which a policy's weights cannot be pushed
-    into; a launch of that many processes runs the same engine inside them.
-    """
-    state = PartialState(cpu=cpu_processes())
-    size = cfg.vllm_tensor_parallel_size if cfg.engine == "vllm" else 1
-    if state.num_processes % size:
-        how = ("a single process" if state.num_processes == 1 else
-               f"the number of processes ({state.num_processes}) must be a multiple of it")
-        raise StrategyError(f"vllm_tensor_parallel_size {size} runs one engine over {size} processes of a launch, "
-                            f"each seeding it and pushing the policy's weights into its part of it; {how}: "
-                            f"accelerate launch --num_processes {size} (or a multiple of it) -m astarpo ...")
-    if state.num_processes == 1:
-        return ALONE
-    return EngineShare(state.process_index // size, state.num_processes // size, state.process_index % size == 0)
-
-
-def _colocated(tensor_parallel_size: int) -> dict[str, Any]:
+def _colocated(launch: Launch, tensor_parallel_size: int) -> dict[str, Any]:
     """Engine settings for a process of a multi-process launch (accelerate, torchrun), the hybrid engine: every
     process runs its engine on its own device, alone or with the other processes of its tensor-parallel group
-    (:class:`EngineShare`), and samples for its own share of the prompts.
+    (:class:`~astarpo.launch.Launch`), and samples for its own share of the prompts.
 
     vLLM's ``external_launcher`` executor (what TRL's colocate mode uses) takes the launch's process group as its
     world, splits it into groups of ``tensor_parallel_size`` consecutive ranks (one engine each) and uses the device
@@ -312,15 +269,14 @@ def _colocated(tensor_parallel_size: int) -> dict[str, Any]:
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return {}
-    state = PartialState()
-    os.environ.update(RANK=str(state.process_index), LOCAL_RANK=str(state.local_process_index),
-                      WORLD_SIZE=str(state.num_processes))
+    os.environ.update(RANK=str(launch.process_index), LOCAL_RANK=str(launch.local_index),
+                      WORLD_SIZE=str(launch.processes))
     if tensor_parallel_size > 1 and not torch.cuda.is_available():
-        _remove_cpu_shm(tensor_parallel_size)  # a killed run's, which would stop this engine from starting
+        _remove_cpu_shm(launch)  # a killed run's, which would stop this engine from starting
     return {"distributed_executor_backend": "external_launcher"}
 
 
-def _remove_cpu_shm(tensor_parallel_size: int) -> None:
+def _remove_cpu_shm(launch: Launch) -> None:
     """Remove this process's shared-memory file of the tensor-parallel communicator of vLLM's CPU build, if any.
 
     Under the external launcher its name is the same in every run (``<...>-[<the group's ranks>]-cpushm_<rank in
@@ -329,9 +285,8 @@ def _remove_cpu_shm(tensor_parallel_size: int) -> None:
     group from starting ("create shm in SHMManager failed. errno: 17"). Called before an engine starts and by
     :func:`release_engines`. Two such launches at once on one machine would share the names, so they cannot run.
     """
-    rank = PartialState().process_index
-    first = rank - rank % tensor_parallel_size
-    suffix = f"-[{'-'.join(str(r) for r in range(first, first + tensor_parallel_size))}]-cpushm_{rank - first}"
+    group = launch.engine_processes
+    suffix = f"-[{'-'.join(str(r) for r in group)}]-cpushm_{launch.process_index - group.start}"
     shm = Path("/dev/shm")
     for name in os.listdir(shm) if shm.is_dir() else []:
         if name.endswith(suffix):
@@ -341,7 +296,8 @@ def _remove_cpu_shm(tensor_parallel_size: int) -> None:
 def release_engines() -> None:
     """Before a multi-process command leaves: vLLM's own process groups (built over the launch's) are destroyed
     while the launch's group still exists; the engine's finalizer at exit would otherwise try to destroy them
-    after accelerate destroyed the launch's group, and fail."""
+    after the launch's group was destroyed, and fail. :func:`astarpo.launch.finish` calls it (an engine registers
+    it when it starts), as does :func:`shutdown_engines`."""
     import torch.distributed as dist
 
     if not (_ENGINES and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -351,7 +307,8 @@ def release_engines() -> None:
     tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
     parallel_state.destroy_model_parallel()
     if tensor_parallel_size > 1 and not torch.cuda.is_available():
-        _remove_cpu_shm(tensor_parallel_size)  # every process of the engine has mapped it: the mapping stays
+        for sampler in _ENGINES.values():  # every process of the engine has mapped it: the mapping stays
+            _remove_cpu_shm(sampler.launch)
     if parallel_state._WORLD is not None:  # vLLM's world coordinator: its own subgroups of the launch's group
         parallel_state._WORLD.destroy()
         parallel_state._WORLD = None
@@ -374,8 +331,13 @@ class VLLMSampler:
     instead of a minute or two, slower decoding.
     """
 
-    uses_policy = False  # it samples with its own copy of the weights, pushed by load_weights
+    uses_policy = False  # it samples with its own copy of the weights,
+    owns_weights = True  # pushed by load_weights
     starts_together = True  # under a launch, over the launch's process group (the external launcher)
+
+    @staticmethod
+    def processes_per_engine(cfg: CommonConfig) -> int:
+        return cfg.vllm_tensor_parallel_size
 
     @staticmethod
     def weights_dtype(cfg: CommonConfig) -> str:
@@ -384,12 +346,14 @@ class VLLMSampler:
     def __init__(self, model_dir: str | Path, tokenizer: Any, eos: list[int], *, dtype: str = "float32",
                  seed: int = 0, max_model_len: int | None = None, gpu_memory_utilization: float = ALONE_GPU_SHARE,
                  tensor_parallel_size: int = 1, kv_cache_gb: float | None = None, enforce_eager: bool = False,
-                 trust_remote_code: bool = False, sleep_mode: bool = False, max_num_seqs: int = 256) -> None:
+                 trust_remote_code: bool = False, sleep_mode: bool = False, max_num_seqs: int = 256,
+                 launch: Launch | None = None) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine starts: keep it in-process
         vllm = import_vllm()
         from transformers import AutoConfig
 
         self.tokenizer, self.eos, self.dtype, self.trust_remote_code = tokenizer, eos, dtype, trust_remote_code
+        self.launch = launch or Launch()  # where it runs under a launch (the tensor-parallel group's processes)
         self.weights_replaced = False  # by load_weights: the engine no longer holds the weights of model_dir
         longest = getattr(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code),
                           "max_position_embeddings", None)
@@ -400,11 +364,11 @@ class VLLMSampler:
             kv_cache_gb = CPU_KV_CACHE_GB
         if kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
-        kwargs.update(_colocated(tensor_parallel_size))
+        kwargs.update(_colocated(launch, tensor_parallel_size))
         from vllm.platforms import current_platform
 
-        self.sleep_mode = sleep_mode and current_platform.is_sleep_mode_available()
-        if sleep_mode and not self.sleep_mode:
+        self.can_sleep = sleep_mode and current_platform.is_sleep_mode_available()
+        if sleep_mode and not self.can_sleep:
             log.info("vLLM has no sleep mode on %s: the engine keeps its memory through the updates",
                      current_platform.device_type)
         self._asleep: set[str] = set()
@@ -416,8 +380,9 @@ class VLLMSampler:
                             max_num_batched_tokens=max(ENGINE_BATCH_TOKENS, max_num_seqs, max_model_len or 0),
                             generation_config="vllm",  # no defaults from generation_config.json
                             logprobs_mode="raw_logprobs",  # temperature-1 log-probs, as the trainer's
-                            enable_sleep_mode=self.sleep_mode, **kwargs)
+                            enable_sleep_mode=self.can_sleep, **kwargs)
         set_rng_states(rng)
+        at_finish(release_engines)
         self.torch_dtype = self.llm.llm_engine.model_config.dtype  # what the pushed weights are cast to
         from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size as tp_world_size
 
@@ -427,7 +392,7 @@ class VLLMSampler:
         """Free the engine's weights and KV cache (vLLM's sleep mode, level 2) until the next ``load_weights``:
         Stage 2 calls it before each update, which then has that memory, and pushes the new weights after it.
         Without sleep mode (vLLM's CPU build) nothing is freed."""
-        if self.sleep_mode and not self._asleep:
+        if self.can_sleep and not self._asleep:
             self.llm.sleep(level=2)
             self._asleep = {"weights", "kv_cache"}
 
@@ -508,9 +473,8 @@ class VLLMSampler:
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tracked()})
         except Exception as e:
-            rank = PartialState().process_index
-            raise EnginePushError(f"process {rank}: pushing the policy's weights into its vLLM engine failed at "
-                                  f"{last['name']!r}: {type(e).__name__}: {e}") from e
+            raise EnginePushError(f"process {self.launch.process_index}: pushing the policy's weights into its vLLM "
+                                  f"engine failed at {last['name']!r}: {type(e).__name__}: {e}") from e
         self.llm.reset_prefix_cache()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the gathered tensors' blocks, before the engine's KV cache wakes

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import rewards
@@ -25,12 +24,12 @@ from .benchmarks import get_benchmark, load_benchmark, reported
 from .checkpoint import read_run_file
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
-from .engines import ALONE, ALONE_GPU_SHARE, EngineShare, engine_share, make_sampler, sampler_class
+from .engines import ALONE_GPU_SHARE, layout, make_sampler, sampler_class
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, collect
+from .launch import Launch
 from .logprobs import sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .rundir import diff_settings, write_json_atomic, write_text_atomic
-from .utils import cpu_processes
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +38,26 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[l
              reward_fn: rewards.RewardFn, *, k: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              max_new_tokens: int = 256, batch_size: int = 64, ref_model: Any = None,
              on_reward_error: str = "raise", micro_batch_size: int = 8, progress: str | None = "eval",
-             sampler: Sampler | None = None, share: EngineShare = ALONE) -> dict[str, Any]:
+             sampler: Sampler | None = None, launch: Launch | None = None) -> dict[str, Any]:
     """Score ``model`` on tokenized prompts. Returns accuracy figures and per-prompt samples.
 
     ``progress`` labels a progress bar over the sampled sequences (rate and time left), ``None`` for none; only
     rank 0 of a multi-process launch shows it. ``sampler`` draws the responses (default: HF ``generate`` on
-    ``model``; a vLLM engine must hold ``model``'s weights). ``share`` makes it data-parallel under a launch: each
-    engine scores its block of the prompts and every process returns the figures over all of them.
+    ``model``; a vLLM engine must hold ``model``'s weights). ``launch`` makes it data-parallel: each engine scores
+    its block of the prompts and every process returns the figures over all of them (without: this process scores
+    them all).
     """
     start = time.perf_counter()
-    block = share.block(len(records))
-    state = PartialState(cpu=cpu_processes())
-    if state.num_processes > 1:  # each process's part of the work, in its own log (the result does not show it)
-        log.info("eval: process %d, engine %d of %d, scores prompts [%d, %d) of %d", state.process_index,
-                 share.index, share.count, block.start, block.stop, len(records))
+    launch = launch or Launch()
+    block = launch.engine_block(len(records))
+    if launch.processes > 1:  # each process's part of the work, in its own log (the result does not show it)
+        log.info("eval: process %d, engine %d of %d, scores prompts [%d, %d) of %d", launch.process_index,
+                 launch.engine_index, launch.engines, block.start, block.stop, len(records))
     scores = _score(model, tokenizer, [records[i] for i in block], [prompt_ids[i] for i in block], reward_fn, k,
                     SamplingParams(temperature, top_p, max_new_tokens), batch_size, ref_model, on_reward_error,
                     micro_batch_size, progress, sampler) if block else {}
-    if share.count > 1:  # every engine's scores, in prompt order (an engine's other processes scored the same)
-        parts = [p for p in gather_object([scores] if share.speaks else []) if p]
+    if launch.engines > 1:  # every engine's scores, in prompt order (an engine's other processes scored the same)
+        parts = [p for p in launch.gather_engines([scores]) if p]
         scores = {key: [x for p in parts for x in p[key]] for key in parts[0]}
     g = torch.tensor(scores["greedy"], dtype=torch.float64)
     result: dict[str, Any] = {"prompts": len(g), "accuracy": _nanmean(g), "k": k,
@@ -124,13 +124,14 @@ def run_eval(cfg: EvalConfig, reward: str | rewards.RewardFn | None = None) -> d
     reward_name, reward_fn = rewards.resolve(reward or cfg.reward)
     model_dir = resolve_model(cfg.model)
     reference = _reference(cfg, model_dir)
+    launch = layout(cfg)  # the layout checked before any model loads
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     records, prompt_ids = load_prompts(tokenizer, cfg)
-    model, ref_model, sampler = _models_and_sampler(cfg, model_dir, reference, tokenizer)
-    result = _evaluate(cfg, model, tokenizer, records, prompt_ids, reward_fn, ref_model, sampler)
+    model, ref_model, sampler = _models_and_sampler(cfg, model_dir, reference, tokenizer, launch)
+    result = _evaluate(cfg, model, tokenizer, records, prompt_ids, reward_fn, ref_model, sampler, launch)
     result = {"model": cfg.model, "reference": reference, "data": cfg.data, "split": cfg.split,
               "reward": reward_name, **result}
-    if PartialState().is_main_process:
+    if launch.is_main:
         write_json_atomic(Path(cfg.output), result)
     return result
 
@@ -145,7 +146,8 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
     """
     out = Path(cfg.output)
     parts = out.with_name(out.name + ".parts")
-    main = PartialState(cpu=cpu_processes()).is_main_process  # the one process that writes
+    launch = layout(cfg)
+    main = launch.is_main  # the one process that writes
     model_dir = resolve_model(cfg.model)
     reference = _reference(cfg, model_dir)
     template = None if cfg.prompt_template == "{prompt}" else cfg.prompt_template
@@ -176,7 +178,7 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             kept, prompt_ids = encode_prompts(tokenizer, records, cfg.max_prompt_tokens, cfg.use_chat_template,
                                               cfg.on_long_prompt)
             prompts[name] = (kept, prompt_ids, len(records) - len(kept))
-        model, ref_model, sampler = _models_and_sampler(cfg, model_dir, reference, tokenizer)
+        model, ref_model, sampler = _models_and_sampler(cfg, model_dir, reference, tokenizer, launch)
         if main:
             parts.mkdir(parents=True, exist_ok=True)
         for name in todo:
@@ -184,7 +186,7 @@ def run_benchmarks(cfg: EvalConfig) -> dict[str, Any]:
             records, prompt_ids, skipped = prompts[name]
             log.info("%s: %d prompts", name, len(records))
             result = _evaluate(cfg, model, tokenizer, records, prompt_ids, rewards.get(bench.reward), ref_model,
-                               sampler, progress=name, k=cfg.k_for(name))
+                               sampler, launch, progress=name, k=cfg.k_for(name))
             done[name] = {"reward": bench.reward, "skipped": skipped, **result}
             if main:
                 write_json_atomic(parts / f"{name}.json", {"settings": settings, "result": done[name]})
@@ -256,8 +258,8 @@ def _reference(cfg: EvalConfig, model_dir: Path) -> str | None:
     return cfg.reference
 
 
-def _models_and_sampler(cfg: EvalConfig, model_dir: Path, reference: str | None, tokenizer: Any
-                        ) -> tuple[Any, Any, Sampler]:
+def _models_and_sampler(cfg: EvalConfig, model_dir: Path, reference: str | None, tokenizer: Any,
+                        launch: Launch) -> tuple[Any, Any, Sampler]:
     """The model under evaluation, the reference model when there is one (for the KL), both on this process's
     device, and the sampler.
 
@@ -267,16 +269,15 @@ def _models_and_sampler(cfg: EvalConfig, model_dir: Path, reference: str | None,
     models are loaded first all the same (on the CPU): a LoRA checkpoint's engine takes the merged weights from
     the model.
     """
-    engine_share(cfg)  # the layout check, before any model loads
     models = [load_model(model_dir, cfg.dtype, cfg.trust_remote_code)]
     if reference is not None:
         models.append(load_model(resolve_model(reference), cfg.dtype, cfg.trust_remote_code))
-    device = PartialState(cpu=cpu_processes()).device
+    device = launch.device
     gpu_share = ALONE_GPU_SHARE
     if not sampler_class(cfg).uses_policy and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         gpu_share = engine_gpu_share(free, total, sum(_bytes(m) for m in models))
-    sampler = make_sampler(cfg, model_dir, tokenizer, models[0], gpu_share=gpu_share)
+    sampler = make_sampler(cfg, model_dir, tokenizer, models[0], gpu_share=gpu_share, launch=launch)
     models = [m.to(device) for m in models]
     return models[0], (models[1] if reference is not None else None), sampler
 
@@ -301,13 +302,12 @@ def _bytes(model: Any) -> int:
 
 
 def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, records: list[dict], prompt_ids: list[list[int]],
-              reward_fn: rewards.RewardFn, ref_model: Any, sampler: Sampler, progress: str = "eval",
+              reward_fn: rewards.RewardFn, ref_model: Any, sampler: Sampler, launch: Launch, progress: str = "eval",
               k: int | None = None) -> dict[str, Any]:
     """``evaluate`` with the config's settings, data-parallel under a launch, seeded here (seed + engine index) so
     that a result does not depend on what ran before."""
-    share = engine_share(cfg)
-    set_seed(cfg.seed + share.index)  # every stream: the engine draws from one of them
+    set_seed(cfg.seed + launch.engine_index)  # every stream: the engine draws from one of them
     return evaluate(model, tokenizer, records, prompt_ids, reward_fn, k=k or cfg.k, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
                     ref_model=ref_model, on_reward_error=cfg.on_reward_error, progress=progress, sampler=sampler,
-                    share=share)
+                    launch=launch)

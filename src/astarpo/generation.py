@@ -69,21 +69,30 @@ class SamplingParams:
 
 
 class Sampler(Protocol):
-    """A generation engine. Stage 2 calls ``load_weights`` after every optimizer step, so that the next samples
-    come from the updated policy.
+    """A generation engine. Stage 2 pushes the policy into one that owns its weights after every optimizer step, so
+    that the next samples come from the updated policy.
 
-    What the commands ask an engine (its class, before one is built):
+    What the commands ask an engine, so that none of them tests the engine's name:
 
     - ``uses_policy``: it samples with a Hugging Face model this process holds (Stage 2's policy, Stage 1's
       reference), so that model must be loaded here, and in training it runs under the policy's autocast and,
-      under FSDP2 or ZeRO-3, with its weights gathered; otherwise it holds a copy of its own, which must run as it
-      is (its kernels under another autocast would compute in the wrong dtype), and is sized beside the models.
+      under FSDP2 or ZeRO-3, with its weights gathered; otherwise it must run as it is (its kernels under another
+      autocast would compute in the wrong dtype), and is sized beside the models.
+    - ``owns_weights``: it holds a copy of the weights of its own, which ``load_weights`` replaces with the
+      policy's (after each update, and on resume).
     - ``starts_together``: under a launch its start is a collective, so every process starts one or none.
+    - ``processes_per_engine(cfg)``: how many processes of a launch run one engine (:mod:`astarpo.launch`).
     - ``weights_dtype(cfg)``: the dtype it samples in, which a values file records.
+    - ``can_sleep`` (a built engine): ``sleep`` frees its memory until the next ``load_weights``.
     """
 
     uses_policy: bool
+    owns_weights: bool
     starts_together: bool
+    can_sleep: bool
+
+    @staticmethod
+    def processes_per_engine(cfg: Any) -> int: ...
 
     @staticmethod
     def weights_dtype(cfg: Any) -> str: ...
@@ -94,23 +103,30 @@ class Sampler(Protocol):
         ...
 
     def load_weights(self, model: Any) -> None:
-        """Take the weights of ``model`` (the policy being trained)."""
+        """Take the weights of ``model`` (the policy being trained): engines that ``owns_weights``."""
         ...
 
     def sleep(self) -> None:
-        """Free what the engine can until the next ``load_weights`` (Stage 2 calls it before each update)."""
+        """Free the engine's memory until the next ``load_weights`` (Stage 2 calls it before each update): engines
+        that ``can_sleep``."""
         ...
 
 
 class HFSampler:
     """Hugging Face ``generate`` on a model in this process, each prompt prefilled once for its ``n`` samples.
 
-    In Stage 2 it holds the policy itself, so the weights it samples with are always the current ones and
-    ``load_weights`` has nothing to copy.
+    In Stage 2 it holds the policy itself, so the weights it samples with are always the current ones: there is
+    nothing to push, and nothing to free while the policy trains.
     """
 
     uses_policy = True
+    owns_weights = False
     starts_together = False
+    can_sleep = False
+
+    @staticmethod
+    def processes_per_engine(cfg: Any) -> int:
+        return 1
 
     @staticmethod
     def weights_dtype(cfg: Any) -> str:
@@ -123,13 +139,6 @@ class HFSampler:
                  progress: Callable[[int], None] | None = None) -> Rollout:
         return sample(self.model, self.tokenizer, prompt_tokens, n, params.temperature, params.top_p,
                       params.max_new_tokens, self.eos, self.batch_size, progress)
-
-    def load_weights(self, model: Any) -> None:
-        if model is not self.model:
-            raise ValueError("HFSampler samples from the model it was built with; build it with the policy")
-
-    def sleep(self) -> None:
-        """Nothing to free: the policy itself samples."""
 
 
 def collect(sampler: Sampler, records: list[dict[str, Any]], prompt_tokens: list[list[int]], n: int,

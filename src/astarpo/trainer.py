@@ -15,11 +15,9 @@ differs between DDP, FSDP2 and DeepSpeed in ``distributed.py``, checkpoints and 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +27,16 @@ from accelerate.utils import set_seed
 from . import rewards
 from .assembly import build_training_models, reference_logprobs
 from .checkpoint import RunState, check_resume
-from .config import TrainConfig, to_dict
+from .config import TrainConfig
 from .data import load_prompts, step_prompts
-from .distributed import all_rows, all_sum, check_supported, make_accelerator, ready_for_generation
-from .engines import COLOCATED_GPU_SHARE, engine_share, make_sampler, release_engines
+from .distributed import check_supported, make_accelerator, ready_for_generation
+from .engines import COLOCATED_GPU_SHARE, layout, make_sampler
 from .evaluate import evaluate
 from .generation import Rollout, SamplingParams, collect
 from .logprobs import collate, response_logprobs, response_logprobs_entropy, token_logprobs
+from .metrics import UpdateStats, sample_columns, step_metrics
 from .models import content_hash, load_tokenizer, resolve_model
-from .objectives import OBJECTIVES, Batch, entropy_bonus, seq_sum
+from .objectives import OBJECTIVES, Batch, entropy_bonus
 from .rundir import check_writable
 from .utils import peak_memory_mb
 from .values import training_values
@@ -45,16 +44,6 @@ from .values import training_values
 
 class TrainError(RuntimeError):
     """Training cannot go on as configured; the message says why and what to change."""
-
-
-@dataclass
-class UpdateStats:
-    """What one step's updates leave for the metrics: per-prompt losses [prompts], the mean gradient norm, and with
-    an entropy bonus each prompt's mean token entropy [prompts] (as the bonus saw it)."""
-
-    losses: torch.Tensor
-    grad_norm: float
-    entropies: torch.Tensor | None = None
 
 
 class Trainer:
@@ -69,11 +58,9 @@ class Trainer:
         self.accelerator = acc = make_accelerator(
             micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm, log_with=cfg.report_names or None,
             project_dir=self.out, mixed_precision=cfg.mixed_precision)
-        # Each engine samples from its own stream, seed + engine index (the process index, unless several processes
-        # run one vLLM engine: they draw the same numbers, as vLLM's external launcher needs)
-        self.share = engine_share(cfg)
-        set_seed(cfg.seed + self.share.index)
-        self.objective = OBJECTIVES[cfg.algo].from_config(cfg, all_sum=lambda t: all_sum(acc, t))
+        self.launch = launch = layout(cfg)
+        set_seed(cfg.seed + launch.engine_index)  # each engine its own stream (the processes of one: the same)
+        self.objective = OBJECTIVES[cfg.algo].from_config(cfg, all_sum=launch.all_sum)
         check_supported(acc, critic=self.objective.trains_critic)
         self.model_dir = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.trust_remote_code)
@@ -84,7 +71,7 @@ class Trainer:
                                                                        [r["id"] for r in self.records])
             self.records, self.prompt_ids = [self.records[i] for i in keep], [self.prompt_ids[i] for i in keep]
         self.steps = cfg.steps or math.ceil(len(self.records) / cfg.batch_size)
-        world, self.mini_batch_size = acc.num_processes, cfg.mini_batch_size or cfg.batch_size
+        world, self.mini_batch_size = launch.processes, cfg.mini_batch_size or cfg.batch_size
         if cfg.batch_size % world or self.mini_batch_size % world:  # every process takes an equal share of every
             # mini-batch (under FSDP2 and ZeRO-3 each forward pass is a collective that all processes must join)
             raise TrainError(f"batch_size {cfg.batch_size} and mini_batch_size {self.mini_batch_size} must be "
@@ -94,9 +81,9 @@ class Trainer:
             self.eval_records, self.eval_prompt_ids = load_prompts(self.tokenizer, cfg, cfg.eval_data,
                                                                    cfg.eval_split, cfg.eval_limit)
         self.models = m = build_training_models(cfg, acc, self.model_dir, self.objective, self.tokenizer)
-        self.policy, self.ref, self.critic, self.eos = m.policy, m.ref, m.critic, m.eos
+        self.policy, self.ref, self.critic = m.policy, m.ref, m.critic
         self.sampler = make_sampler(cfg, self.model_dir, self.tokenizer, acc.unwrap_model(self.policy),
-                                    gpu_share=COLOCATED_GPU_SHARE)
+                                    gpu_share=COLOCATED_GPU_SHARE, launch=launch)
         self.params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         self.state = RunState(cfg, acc, self.tokenizer, {
             "reference_model": cfg.model, "reference_model_hash": content_hash(self.model_dir),
@@ -105,34 +92,32 @@ class Trainer:
 
     # ----- one step ---------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
-        """One step. Under ``accelerate launch`` process r takes prompts r::world of the global batch; its engine
-        samples those of all the processes that run it (the same prompts in each of them)."""
-        acc, G, world = self.accelerator, self.objective.group_size, self.accelerator.num_processes
+        """One step. Under ``accelerate launch`` each process takes its rows of the global batch, its engine samples
+        those of all the processes that run it (:class:`~astarpo.launch.Launch`)."""
+        acc, launch, G = self.accelerator, self.launch, self.objective.group_size
         t0 = time.perf_counter()
         batch = step_prompts(len(self.records), self.cfg.batch_size, step, self.cfg.seed)
-        mine = list(range(acc.process_index, len(batch), world))  # my positions in the global batch
-        prompts = [batch[g] for g in mine]
-        engine_size = world // self.share.count
-        ours = [g for g in range(len(batch)) if g % world // engine_size == self.share.index]  # my engine's
+        mine, ours = launch.process_rows(len(batch)), launch.engine_rows(len(batch))
         with self._ready_to_sample():
             roll = collect(self.sampler, [self.records[batch[g]] for g in ours],
                            [self.prompt_ids[batch[g]] for g in ours], G, self.params, self.reward_fn,
                            self.cfg.on_reward_error, keep=[ours.index(g) for g in mine])
-        self.sampler.sleep()  # a vLLM engine on a GPU frees its memory for the update
+        if self.sampler.can_sleep:  # a vLLM engine on a GPU frees its memory for the update
+            self.sampler.sleep()
         gen_seconds = time.perf_counter() - t0
         reward = torch.tensor(roll.rewards, dtype=torch.float32)
         valid = ~reward.isnan().view(-1, G).any(-1)  # on_reward_error=skip: a prompt with a failed sample drops
         B = self.mini_batch_size
         minis = [[j for j, g in enumerate(mine) if m0 <= g < m0 + B] for m0 in range(0, len(batch), B)]
-        data = self.inputs(roll, reward.nan_to_num(0.0), prompts, minis)
-        self.objective.prepare(data)
+        data = self.inputs(roll, reward.nan_to_num(0.0), [batch[g] for g in mine])
         stats = self.update(roll, data, valid, minis)
-        self.sampler.load_weights(acc.unwrap_model(self.policy))
+        if self.sampler.owns_weights:
+            self.sampler.load_weights(acc.unwrap_model(self.policy))
         columns = sample_columns(roll, data)
-        per_sample = all_rows(acc, torch.stack(list(columns.values()), 1)[valid.repeat_interleave(G)])
-        losses = all_rows(acc, stats.losses[valid])
-        tokens = float(all_sum(acc, torch.tensor(float(sum(roll.lengths)))))
-        entropy = {} if stats.entropies is None else {"entropy": float(all_rows(acc, stats.entropies[valid]).mean())}
+        per_sample = launch.all_rows(torch.stack(list(columns.values()), 1)[valid.repeat_interleave(G)])
+        losses = launch.all_rows(stats.losses[valid])
+        tokens = float(launch.all_sum(torch.tensor(float(sum(roll.lengths)))))
+        entropy = {} if stats.entropies is None else {"entropy": float(launch.all_rows(stats.entropies[valid]).mean())}
         seconds = time.perf_counter() - t0
         return {**step_metrics(dict(zip(columns, per_sample.T)), losses), **entropy, "grad_norm": stats.grad_norm,
                 "skipped_samples": (len(batch) - len(losses)) * G, "samples": len(batch) * G,
@@ -141,49 +126,49 @@ class Trainer:
                 "learning_rate": self.models.optimizer.param_groups[0]["lr"]}
 
     @torch.no_grad()
-    def inputs(self, roll: Rollout, reward: torch.Tensor, prompts: list[int], minis: list[list[int]]) -> Batch:
-        """What the objective reads, computed once before any update and without gradients: [samples, tokens].
-
-        ``old_logp`` (log pi_old, the sampling policy) is computed here for the samples of the second and later
-        mini-batches, which are updated on after the policy has moved; the first mini-batch's come from its own
-        forward pass in :meth:`update`. An objective whose ``prepare`` reads them gets them all here.
-        """
-        acc, G = self.accelerator, self.objective.group_size
+    def inputs(self, roll: Rollout, reward: torch.Tensor, prompts: list[int]) -> Batch:
+        """What the objective reads from outside the policy, computed once before any update and without
+        gradients: [samples, tokens]. (log pi_old, the policy's own, is :meth:`update`'s.)"""
+        acc, G, wanted = self.accelerator, self.objective.group_size, self.objective.inputs
         pad, micro = self.tokenizer.pad_token_id, self.cfg.micro_batch_size
         lengths = torch.tensor(roll.lengths)
         mask = (torch.arange(max(1, int(lengths.max()))) < lengths[:, None]).float()
-        wanted = self.objective.inputs
         # In one fixed order on every process: under FSDP2 and ZeRO-3 each forward pass is a collective.
         with acc.autocast():
             v_star = self.v_star[prompts].float().repeat_interleave(G) if "v_star" in wanted else None
             ref_logp = reference_logprobs(acc, self.models, roll, pad, micro) if "ref_logp" in wanted else None
-            old_logp = torch.zeros_like(mask)
-            later = list(range(len(roll))) if "old_logp" in wanted else [j * G + s for m in minis[1:] for j in m
-                                                                         for s in range(G)]
-            if later:
-                logp = token_logprobs(acc.unwrap_model(self.policy), roll.select(later), pad, micro)
-                old_logp[later, : logp.shape[1]] = logp
             old_values = None
             if "old_values" in wanted:  # through the prepared critic's __call__: FSDP2's hooks live there
                 old_values = token_logprobs(acc.unwrap_model(self.critic), roll, pad, micro,
                                             lambda critic, batch: critic(batch))
         sampler_logp = roll.sampler_logp_tokens(mask.shape[1]) if "sampler_logp" in wanted else None
-        return Batch(mask=mask, reward=reward, v_star=v_star, ref_logp=ref_logp, old_logp=old_logp,
+        return Batch(mask=mask, reward=reward, v_star=v_star, ref_logp=ref_logp, old_logp=torch.zeros_like(mask),
                      old_values=old_values, sampler_logp=sampler_logp)
 
     def update(self, roll: Rollout, data: Batch, valid: torch.Tensor, minis: list[list[int]]) -> UpdateStats:
-        """One AdamW update per mini-batch of prompts (``minis``: this process's prompt positions in each),
-        accumulated over micro-batches of whole groups.
+        """The objective's ``prepare``, then one AdamW update per mini-batch of prompts (``minis``: this process's
+        prompt positions in each), accumulated over micro-batches of whole groups.
+
+        ``data.old_logp`` (log pi_old, the sampling policy) is filled here, before the first update: the first
+        mini-batch's from its own forward pass (the policy has not moved yet), the others' from a pass without
+        gradients, and all of them that way when ``prepare`` reads them.
 
         Each process scales its summed per-prompt losses by world / (valid prompts in the global mini-batch); the
         strategy averages gradients over processes, so the update equals the single-process one on the whole
         mini-batch, and the number of updates does not depend on the number of processes.
         """
         acc, obj, learner, G = self.accelerator, self.objective, self.models.learner, self.objective.group_size
-        counts = all_sum(acc, torch.tensor([float(valid[m].sum()) for m in minis]))
+        first_from_forward = "old_logp" not in obj.inputs
+        ahead = [j * G + s for m in (minis[1:] if first_from_forward else minis) for j in m for s in range(G)]
+        if ahead:
+            with torch.no_grad(), acc.autocast():
+                logp = token_logprobs(acc.unwrap_model(self.policy), roll.select(ahead), self.tokenizer.pad_token_id,
+                                      self.cfg.micro_batch_size)
+            data.old_logp[ahead, : logp.shape[1]] = logp
+        obj.prepare(data)
+        counts = self.launch.all_sum(torch.tensor([float(valid[m].sum()) for m in minis]))
         if counts.sum() == 0:
             raise TrainError("the reward failed for every sample of this step")
-        first_from_forward = "old_logp" not in obj.inputs
         losses, grad_norms = torch.zeros(len(valid)), []
         entropies = torch.zeros(len(valid)) if self.cfg.entropy_coef > 0 else None
         per_micro = max(1, self.cfg.micro_batch_size // G)  # whole groups: a prompt's loss needs all of its samples
@@ -200,7 +185,7 @@ class Trainer:
                                      else (response_logprobs(self.policy, batch), None))
                     logp = logp.float().cpu()
                     values = self.critic(batch).cpu() if self.critic is not None else None
-                    if k == 0 and first_from_forward:  # before the first update the policy is the sampling one
+                    if k == 0 and first_from_forward:
                         data.old_logp[rows, : logp.shape[1]] = logp.detach()
                     mb = data.rows(rows, logp.shape[1], logp=logp, values=values)
                     loss = obj.loss(mb)
@@ -209,16 +194,15 @@ class Trainer:
                         loss = loss - self.cfg.entropy_coef * bonus
                         entropies[sub] = bonus.detach()
                     loss = loss * valid[sub]
-                    learner.backward(loss.sum() * acc.num_processes / count)
+                    learner.backward(loss.sum() * self.launch.processes / count)
                 losses[sub] = loss.detach()
             grad_norms.append(learner.step())
         return UpdateStats(losses, sum(grad_norms) / len(grad_norms), entropies)
 
     @contextlib.contextmanager
     def _ready_to_sample(self) -> Iterator[None]:
-        """A sampler that uses the policy itself (HF generate) runs under its autocast, with FSDP2's and ZeRO-3's
-        weights gathered; an engine with its own whole weights (vLLM) needs nothing from the policy and runs as
-        it is."""
+        """A sampler that uses the policy itself runs under its autocast, with FSDP2's and ZeRO-3's weights
+        gathered; an engine with weights of its own needs nothing from the policy and runs as it is."""
         if not self.sampler.uses_policy:
             yield
             return
@@ -242,12 +226,11 @@ class Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         start = self.state.resume()
-        if start:  # an engine with its own copy of the weights (vLLM) still holds the reference's
+        if start and self.sampler.owns_weights:  # the engine's copy is still the reference's
             self.sampler.load_weights(acc.unwrap_model(self.policy))
-        acc.init_trackers("astarpo", config={k: v for k, v in to_dict(cfg).items()
-                                             if isinstance(v, (int, float, str, bool))})
+        self.state.start_log()
         if start == 0 and self.eval_records:
-            self._log({"step": 0, "eval_accuracy": self.evaluate()["accuracy"]})
+            self.state.log({"step": 0, "eval_accuracy": self.evaluate()["accuracy"]})
         metrics: dict[str, Any] = {}
         bar = tqdm(range(start, self.steps), initial=start, total=self.steps, desc="stage 2", dynamic_ncols=True,
                    disable=not acc.is_main_process)
@@ -256,55 +239,11 @@ class Trainer:
             due = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == self.steps
             if self.eval_records and due:
                 metrics["eval_accuracy"] = self.evaluate()["accuracy"]
-            self._log(metrics)
+            self.state.log(metrics)
             bar.set_postfix({k: f"{metrics[k]:.2f}" for k in ("reward", "kl", "step_seconds") if k in metrics})
             if (step + 1) % cfg.save_every == 0 or step + 1 == self.steps:
                 self.state.save(step + 1)
         self.state.save_final(self.policy, self.steps)
-        if acc.num_processes > 1:
-            acc.wait_for_everyone()  # rank 0 has written final/; no process leaves with a collective in flight
-            release_engines()  # vLLM's groups, built over the launch's, go first
-            acc.end_training()  # trackers, and the process group accelerate joined
-        else:  # a process group here is a vLLM engine's own (a world of one), which outlives this run
-            for tracker in acc.trackers:
-                tracker.finish()
+        self.launch.barrier()  # rank 0 has written final/ when train() returns on any process
+        self.state.end_log()  # a launch itself ends with astarpo.launch.finish()
         return metrics
-
-    def _log(self, metrics: dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
-
-
-def sample_columns(roll: Rollout, data: Batch) -> dict[str, torch.Tensor]:
-    """One value per sample for the step's metrics, from the rollout and the objective's inputs (``old_logp``
-    complete: the sampling policy's log-probs)."""
-    sampled_logp = seq_sum(data.old_logp, data.mask)
-    columns = {"reward": data.reward, "response_length": torch.tensor(roll.lengths).float(),
-               "truncated": torch.tensor(roll.truncated).float()}
-    if data.ref_logp is not None:
-        columns["log_ratio"] = sampled_logp - seq_sum(data.ref_logp, data.mask)
-    if data.v_star is not None:
-        columns["v_star"] = data.v_star
-    if roll.sampler_logp:  # the engine's log-probs (vLLM) against the training model's, per sequence
-        columns["sampler_logp_diff"] = (torch.tensor([sum(x) for x in roll.sampler_logp]) - sampled_logp).abs()
-    return columns
-
-
-def step_metrics(per_sample: dict[str, torch.Tensor], losses: torch.Tensor) -> dict[str, float]:
-    """A step's learning figures from every process's valid samples (``per_sample``: one value per sample) and
-    per-prompt ``losses``: per-sample means, not a mean of per-process means. ``kl`` is the mean log-ratio of the
-    sampling policy to the reference over its own samples; ``advantage`` is r - V*."""
-    mean = {k: float(v.mean()) for k, v in per_sample.items()}
-    metrics = {"reward": mean["reward"]}
-    if "v_star" in mean:
-        metrics.update(v_star=mean["v_star"], advantage=mean["reward"] - mean["v_star"])
-    metrics["loss"] = float(losses.mean())
-    if "log_ratio" in mean:
-        metrics.update(log_ratio=mean["log_ratio"], kl=mean["log_ratio"])
-    if "sampler_logp_diff" in mean:
-        metrics.update(sampler_logp_diff=mean["sampler_logp_diff"],
-                       sampler_logp_diff_max=float(per_sample["sampler_logp_diff"].max()))
-    return {**metrics, "response_length": mean["response_length"], "truncated": mean["truncated"]}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import resource
 from typing import Any
 
@@ -14,12 +13,6 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def cpu_processes() -> bool:
-    """True when launched as several processes on a machine without CUDA: accelerate then needs ``cpu=True``
-    to join them over gloo (otherwise each process would run alone)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def rng_states() -> dict[str, Any]:

@@ -8,11 +8,11 @@ sampling again. The output is one parquet file, one row per prompt (``id``, ``re
 
 Work is done in shards of prompts, each written atomically and seeded by its own index, so a killed run
 restarted with the same settings skips finished shards and ends with exactly the rows of an uninterrupted run.
-Under ``accelerate launch`` shard k is sampled by process k % world_size (by engine k % engines when several
-processes run one vLLM engine) and rank 0 merges the shards; since a shard's samples depend only on its seed, the
-file is the same whatever the number of processes. Sampling needs no gradients or optimizer state, so under an
-FSDP2 or DeepSpeed config each process still holds a whole copy of the reference (in bfloat16, 15 GB for a 7B
-model) and samples its shards alone.
+Under ``accelerate launch`` each engine (each process, unless several processes run one vLLM engine) samples a
+contiguous block of the shards (:mod:`astarpo.launch`) and rank 0 merges them; since a shard's samples depend only
+on its seed, the file is the same whatever the number of processes. Sampling needs no gradients or optimizer
+state, so under an FSDP2 or DeepSpeed config each process still holds a whole copy of the reference and samples
+its shards alone.
 
 Adaptive Stage 1 (``adaptive=True``, 0/1 rewards) samples in rounds of ``round_size`` and stops drawing for a
 prompt once :func:`adaptive_stop` says its V* is settled, or at ``n_max``. Rows then hold different numbers of
@@ -34,8 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from accelerate import PartialState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import rewards
@@ -43,11 +42,11 @@ from ._version import __version__
 from .config import CommonConfig, TrainConfig, ValuesConfig
 from .data import load_prompts
 from .distributed import whole_weights_on_every_process
-from .engines import EngineShare, engine_share, make_sampler, sampler_class
+from .engines import layout, make_sampler, sampler_class
 from .generation import Sampler, SamplingParams, collect, sampling_settings
+from .launch import Launch, blocks
 from .models import content_hash, load_model, load_tokenizer, resolve_model, tokenizer_hash
 from .rundir import atomic_path, check_writable, diff_settings
-from .utils import cpu_processes
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -163,26 +162,25 @@ def compute_values(cfg: ValuesConfig, reward: str | rewards.RewardFn | None = No
     out = Path(cfg.output)
     model_dir = resolve_model(cfg.model)
     provenance = _provenance(cfg, model_dir, reward_name)
-    state = PartialState(cpu=cpu_processes())  # rank and world size under `accelerate launch`; one process otherwise
+    launch = layout(cfg)  # this process's place under `accelerate launch` (the layout checked before any write)
     if out.exists():
         _check_finished(out, provenance)
         log.info("%s is already complete", out)
         return out
-    share = engine_share(cfg)  # the engine layout is checked before anything is written
     check_writable(out.parent)
     # Bad data fails here, before anything is written.
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     records, prompt_ids = load_prompts(tokenizer, cfg)
     shards_dir = out.with_name(out.name + ".shards")
-    _resume_shards(shards_dir, provenance, state)
+    _resume_shards(shards_dir, provenance, launch)
     n_shards = math.ceil(len(records) / cfg.shard_size)
     start = time.perf_counter()
     _sample_missing_shards(cfg, model_dir, tokenizer, records, prompt_ids, reward_name, reward_fn, shards_dir,
-                           n_shards, state, share)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _merge_shards(shards_dir, n_shards, len(records), provenance, start, out, share.count)
-    state.wait_for_everyone()  # the other processes return once rank 0 has written the values file
+                           n_shards, launch)
+    launch.barrier()
+    if launch.is_main:
+        _merge_shards(shards_dir, n_shards, len(records), provenance, start, out, launch.engines)
+    launch.barrier()  # the other processes return once rank 0 has written the values file
     return out
 
 
@@ -213,7 +211,7 @@ def _check_finished(out: Path, provenance: dict[str, Any]) -> None:
                           "choose another --output or delete it")
 
 
-def _resume_shards(shards_dir: Path, provenance: dict[str, Any], state: PartialState) -> None:
+def _resume_shards(shards_dir: Path, provenance: dict[str, Any], launch: Launch) -> None:
     """Check that the shards of an unfinished run were made with these settings (so that finished shards can be
     kept), then create the shard folder with this run's provenance if it is new."""
     prov_path = shards_dir / "provenance.json"
@@ -222,12 +220,12 @@ def _resume_shards(shards_dir: Path, provenance: dict[str, Any], state: PartialS
         if diff:
             raise ValuesError(f"{shards_dir} holds an unfinished run with other settings ({diff}); "
                               "resume with the same settings, or delete that folder to start over")
-    state.wait_for_everyone()
-    if state.is_main_process:
+    launch.barrier()
+    if launch.is_main:
         shards_dir.mkdir(exist_ok=True)
         if not prov_path.exists():
             prov_path.write_text(json.dumps(provenance, indent=1))
-    state.wait_for_everyone()
+    launch.barrier()
 
 
 def _shard_path(shards_dir: Path, k: int) -> Path:
@@ -237,36 +235,36 @@ def _shard_path(shards_dir: Path, k: int) -> Path:
 
 def _sample_missing_shards(cfg: ValuesConfig, model_dir: Path, tokenizer: Any, records: list[dict],
                            prompt_ids: list[list[int]], reward_name: str, reward_fn: rewards.RewardFn,
-                           shards_dir: Path, n_shards: int, state: PartialState, share: EngineShare) -> None:
-    """Sample and write this engine's shards (shard k is engine k % engines', see :class:`EngineShare`: with the HF
-    engine or one process per vLLM engine, process k % world_size's) that are not on disk yet.
+                           shards_dir: Path, n_shards: int, launch: Launch) -> None:
+    """Sample and write this engine's block of the shards (:meth:`~astarpo.launch.Launch.engine_block`) that are
+    not on disk yet.
 
     The model is loaded only when a shard is missing, so a run killed after its last shard goes on to the merge
     without it. vLLM engines under a launch start together (their start is collective) when any shard is missing."""
     per_prompt = cfg.n_max if cfg.adaptive else cfg.n  # at most, for the progress bar
-    mine = range(share.index, n_shards, share.count)
+    mine = launch.engine_block(n_shards)
     todo = [k for k in mine if not _shard_path(shards_dir, k).exists()]
     wanted, engine = bool(todo), sampler_class(cfg)
-    if engine.starts_together and state.num_processes > 1:
-        wanted = any(gather_object([wanted]))
+    if engine.starts_together:
+        wanted = launch.any(wanted)
     if not wanted:
         return
     model = None  # an engine with weights of its own loads them itself
     if engine.uses_policy:
         with whole_weights_on_every_process():  # sampling only: a whole copy per process, no FSDP
-            model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(state.device)
-    sampler = make_sampler(cfg, model_dir, tokenizer, model)
+            model = load_model(model_dir, cfg.dtype, cfg.trust_remote_code).to(launch.device)
+    sampler = make_sampler(cfg, model_dir, tokenizer, model, launch=launch)
     my_prompts = sum(min(cfg.shard_size, len(records) - k * cfg.shard_size) for k in mine)
     done_samples = (len(mine) - len(todo)) * cfg.shard_size * per_prompt
     with tqdm(total=my_prompts * per_prompt, initial=min(done_samples, my_prompts * per_prompt),
-              unit="sample", desc="stage 1", dynamic_ncols=True, disable=not state.is_main_process) as bar:
+              unit="sample", desc="stage 1", dynamic_ncols=True, disable=not launch.is_main) as bar:
         for k in todo:
             lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(records))
             t0 = time.perf_counter()
             table, drawn = _sample_shard(cfg, sampler, records[lo:hi], prompt_ids[lo:hi], reward_name,
                                          reward_fn, shard_seed(cfg.seed, k), bar.update)
             seconds = json.dumps(time.perf_counter() - t0).encode()
-            if share.speaks:  # the engine's other processes sampled the same rows
+            if launch.speaks:  # the engine's other processes sampled the same rows
                 _write_atomic(table.replace_schema_metadata({_SECONDS_KEY: seconds}),
                               _shard_path(shards_dir, k))
             bar.update((hi - lo) * per_prompt - drawn)  # an adaptive shard stops short of n_max
@@ -275,12 +273,12 @@ def _sample_missing_shards(cfg: ValuesConfig, model_dir: Path, tokenizer: Any, r
 def _merge_shards(shards_dir: Path, n_shards: int, n_records: int, provenance: dict[str, Any], start: float,
                   out: Path, engines: int) -> None:
     """Write the shards' rows, in prompt order, as the values file with the completed provenance (counts, time
-    since ``start``, sampling time summed over shards and on the busiest of ``engines``: shard k is engine k %
-    engines'), then delete the shards. Rank 0 only."""
+    since ``start``, sampling time summed over shards and on the busiest of ``engines``, each of which sampled
+    its block of the shards), then delete the shards. Rank 0 only."""
     shards = [pq.read_table(_shard_path(shards_dir, k)) for k in range(n_shards)]
     seconds = [json.loads((t.schema.metadata or {}).get(_SECONDS_KEY.encode(), b"0")) for t in shards]
     sampling = sum(seconds)
-    wall = max(sum(seconds[e::engines]) for e in range(engines)) if seconds else 0.0
+    wall = max(sum(seconds[b.start:b.stop]) for b in blocks(n_shards, engines)) if seconds else 0.0
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in shards])
     skipped = n_records - table.num_rows
     rows = table.column("rewards").to_pylist()

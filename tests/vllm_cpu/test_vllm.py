@@ -181,7 +181,7 @@ def test_stage2_pushes_the_policy_into_vllm(vllm_model, tmp_path, lora):
     trainer = Trainer(_train_cfg(vllm_model, values, tmp_path / "run", **kw), reward=DigitShare())
     sampler = trainer.sampler
     assert isinstance(sampler, engines.VLLMSampler) and _engines_of(vllm_model) == 1
-    assert not sampler.sleep_mode  # vLLM's CPU build has none: sleep() frees nothing, and every step still works
+    assert not sampler.can_sleep  # vLLM's CPU build has none: sleep() frees nothing, and every step still works
     prompts, greedy = trainer.prompt_ids[:16], SamplingParams(0.0, 1.0, 12)
     trainer.train()
     metrics = [json.loads(m) for m in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
