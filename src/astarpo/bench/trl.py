@@ -1,7 +1,7 @@
 """External rows for `astarpo bench`: TRL's GRPOTrainer and experimental A2POTrainer on the same model, prompts,
 reward, prompts per step, response cap, learning rate and KL coefficient as astarpo's own runs.
 
-Run by the bench as ``python -m astarpo.bench_trl SPEC.json`` (one process per trainer, so its peak memory is its
+Run by the bench as ``python -m astarpo.bench.trl SPEC.json`` (one process per trainer, so its peak memory is its
 own). It writes ``metrics.jsonl`` in the format of astarpo's trainer (step seconds from TRL's step callbacks, peak
 memory, samples per step) and Hugging Face checkpoints every ``save_every`` steps, which the bench scores like
 its own. TRL's Stage 1 (A2PO estimates V* in memory at the start of every run) is timed separately.
@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from . import rewards
-from .data import format_prompt, load_records
-from .models import load_tokenizer
-from .utils import peak_memory_mb
+from .. import rewards
+from ..data import format_prompt, load_records
+from ..models import load_tokenizer
+from ..utils import peak_memory_mb
 
 
 def build(spec: dict[str, Any], callbacks: list[Any]) -> tuple[Any, int]:
