@@ -5,7 +5,7 @@
    rates are datasheet peaks times stated efficiencies, not fitted to the paper; the gap is reported as it is,
    with what-ifs that show which unmodelled costs could explain it (none of them is adopted).
 2. The CPU: rates fitted to two rows of the committed bench (``results/bench/bench.json``), then every committed
-   CPU figure predicted beside its measurement (``astarpo.cost.cpu_check``; held-out figures are the check).
+   CPU figure predicted beside its measurement (``astarpo.bench.cost.cpu_check``; held-out figures are the check).
 
 Reads only committed files and runs no model. Writes ``results/cost_model.{md,json}``.
 
@@ -18,8 +18,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from astarpo import cost
-from astarpo.plan import QWEN25
+from astarpo.bench import cost
+from astarpo.bench.plan import QWEN25
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("grpo", "ppo", "rebel")

@@ -1,8 +1,8 @@
 """The memory formula of ``astarpo plan`` against measured allocations, and the Qwen2.5 tables it gives.
 
 Each case trains a randomly initialised Qwen2-layout model on this CPU the way Stage 2 does on one process
-(``astarpo.plan.measure``: float32 weights, bf16 autocast, frozen reference, foreach AdamW, two micro-batches per
-step, chunked log-probs) and records every tensor storage that torch allocates in the last step. Peak RSS would
+(``astarpo.bench.plan.measure``: float32 weights, bf16 autocast, frozen reference, foreach AdamW, two micro-batches
+per step, chunked log-probs) and records every tensor storage that torch allocates in the last step. Peak RSS would
 also count the Python/torch baseline, the allocator's cached free blocks and the model-building garbage, so the
 measurement is of tensor bytes, which is what a GPU's ``max_memory_allocated`` reports. Writes
 ``results/memory_plan.{md,json}``.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from astarpo.plan import QWEN25, Shape, measure, plan, table
+from astarpo.bench.plan import QWEN25, Shape, measure, plan, table
 
 CASES = [  # (name, shape, micro-batch, prompt tokens, response tokens)
     ("tiny (H 128, 2 layers, V 2048)", Shape(128, 2, 4, 2, 344, 2048, tied=True, qkv_bias=True), 4, 32, 96),

@@ -62,7 +62,7 @@ def continuous_batching(model_dir: Path, tok: Any, eos: list[int], prompt_ids: l
 
 def trl_a2po(model_dir: Path, args: argparse.Namespace, out_dir: Path) -> tuple[Any, Callable[[], Draw]]:
     """TRL's A2POTrainer and a draw that runs its Stage 1 (the reward it calls records what was sampled)."""
-    from astarpo.bench_trl import build
+    from astarpo.bench.trl import build
 
     spec = {"trainer": "trl-a2po", "model_dir": str(model_dir), "output_dir": str(out_dir), "data": "arithmetic",
             "reward": "arithmetic", "train_prompts": args.prompts, "batch_size": args.batch_size // args.n,

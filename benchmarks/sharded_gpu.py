@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from astarpo.bench.plan import plan, shape_of
 from astarpo.config import TrainConfig
 from astarpo.data import load_prompts
 from astarpo.models import load_tokenizer
-from astarpo.plan import plan, shape_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,

@@ -55,7 +55,7 @@ def stage1_worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     reward = rewards.get("arithmetic")
     t0 = time.perf_counter()
     if variant == "trl_a2po":
-        from astarpo.bench_trl import build
+        from astarpo.bench.trl import build
 
         spec = {"trainer": "trl-a2po", "model_dir": str(model_dir), "output_dir": tempfile.mkdtemp(),
                 "data": "arithmetic", "reward": "arithmetic", "train_prompts": args.prompts, "batch_size": 8,

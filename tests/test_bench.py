@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from astarpo.bench import bench, choose_rates, heldout_records, markdown, summarize
+from astarpo.bench.compare import bench, choose_rates, heldout_records, markdown, summarize
 from astarpo.config import BenchConfig, ConfigError
 from astarpo.rundir import OutputError
 
@@ -186,7 +186,7 @@ def test_bench_sweeps_then_trains_every_seed_and_resumes(tiny_model, tmp_path):
 def test_trl_rows_train_and_leave_scoreable_checkpoints(tiny_model, tmp_path, monkeypatch, trainer):
     """TRL's trainers as the bench runs them (in this process here), on a reward the tiny model can earn."""
     from astarpo import rewards
-    from astarpo.bench_trl import run
+    from astarpo.bench.trl import run
     from astarpo.models import load_model
 
     monkeypatch.setitem(rewards._REGISTRY, "has_digit", lambda prompts, completions, **_: [
@@ -206,10 +206,26 @@ def test_trl_rows_train_and_leave_scoreable_checkpoints(tiny_model, tmp_path, mo
     assert (tmp_path / trainer / "stage1_seconds.json").is_file() == (trainer == "trl-a2po")
 
 
+def test_trl_rows_old_module_path_still_runs(tiny_model, tmp_path):
+    """`python -m astarpo.bench_trl SPEC.json`, the path before astarpo/bench/, runs astarpo.bench.trl's entry point."""
+    root = Path(__file__).resolve().parents[1]
+    spec = {"trainer": "trl-grpo", "model_dir": str(tiny_model), "output_dir": str(tmp_path / "run"),
+            "data": "arithmetic", "reward": "arithmetic", "train_prompts": 4, "batch_size": 2, "group_size": 2,
+            "steps": 1, "save_every": 1, "max_new_tokens": 4, "learning_rate": 1e-6, "beta": 1e-3, "beta1": 0.5,
+            "n": 2, "seed": 0}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, "-m", "astarpo.bench_trl", str(tmp_path / "spec.json")],
+                          env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1] and (tmp_path / "run" / "trl" / "checkpoint-1").is_dir()
+
+
 @pytest.mark.parametrize("trainer", ["trl-grpo", "trl-a2po"])
 def test_trl_rows_sample_the_whole_distribution_like_astarpo(tiny_model, tmp_path, trainer):
     """astarpo samples with top_k 0; A2POConfig's top_k None would make generate() keep only the 50 likeliest."""
-    from astarpo.bench_trl import build
+    from astarpo.bench.trl import build
 
     spec = {"trainer": trainer, "model_dir": str(tiny_model), "output_dir": str(tmp_path), "data": "arithmetic",
             "reward": "arithmetic", "train_prompts": 4, "batch_size": 2, "group_size": 2, "steps": 1,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from astarpo import cost
+from astarpo.bench import cost
+from astarpo.bench.plan import QWEN25, Shape, measure, plan, shape_of
 from astarpo.cli import main
 from astarpo.models import add_lora, load_model
-from astarpo.plan import QWEN25, Shape, measure, plan, shape_of
 
 SMALL = Shape(128, 2, 4, 2, 344, 2048, tied=True, qkv_bias=True)
 

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from astarpo.bench.report import report
 from astarpo.cli import main
-from astarpo.report import report
 from astarpo.values import _SECONDS_KEY, _merge_shards, read_values
 
 BENCH_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench" / "bench.json"

@@ -12,11 +12,11 @@ import typing
 from pathlib import Path
 
 from .bench import BenchError
+from .bench.report import ReportError
 from .config import BenchConfig, ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
 from .data import DataError
 from .distributed import StrategyError
 from .launch import LayoutError, end_failed_process, finish, is_main_process
-from .report import ReportError
 from .rewards import RewardError
 from .rundir import OutputError
 from .trainer import TrainError
@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("paths", nargs="+", metavar="RUN_OR_RESULT", help="train run directory (finished, running or "
                     "stopped), eval result JSON, or bench.json (or its folder)")
     rp.add_argument("--output-dir", default="runs/report", help="where report.md and the PNGs go")
-    from .plan import add_arguments as plan_arguments
+    from .bench.plan import add_arguments as plan_arguments
 
     plan_arguments(sub.add_parser("plan", help="per-GPU memory of Stage 2 by component (DDP, FSDP2, ZeRO-2/3, "
                                                 "LoRA), or with --time hours per method"))
@@ -91,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     try:
         if command == "report":
-            from .report import report
+            from .bench.report import report
 
             print(report(args["paths"], args["output_dir"]))
             return 0
         if command == "plan":
-            from . import cost, plan
+            from .bench import cost, plan
 
             print((cost.run if args["time"] else plan.run)(argparse.Namespace(**args)), end="")
             return 0
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = trainer.train()
             if trainer.launch.is_main:
                 print(json.dumps(metrics))
-                from .report import run_row, summary
+                from .bench.report import run_row, summary
 
                 log.info("stage 2: %s -> %s", summary(run_row(Path(cfg.output_dir))), Path(cfg.output_dir) / "final")
         elif command == "bench":

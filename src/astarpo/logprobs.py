@@ -20,7 +20,7 @@ from .generation import Rollout
 # Granite scaling): for these the chunked path would be wrong, so response_logprobs computes the plain way.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # Logits per lm_head chunk of response_logprobs (256 MiB in float32): a chunk holds LOGITS_CHUNK // vocabulary
-# response tokens, so its memory is the same whatever the vocabulary. astarpo.plan counts chunks with it.
+# response tokens, so its memory is the same whatever the vocabulary. astarpo.bench.plan counts chunks with it.
 LOGITS_CHUNK = 2**26
 
 

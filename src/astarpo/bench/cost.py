@@ -27,10 +27,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
-from .objectives import OBJECTIVES
+from ..config import ConfigError
+from ..objectives import OBJECTIVES
+from ..rundir import write_json_atomic
 from .plan import SMOLLM2_135M, Shape, shape_of
-from .rundir import write_json_atomic
 
 METHODS = tuple(OBJECTIVES)  # astarpo, grpo, rloo, rebel, ppo
 PASSES = ("policy", "reference", "old_policy", "critic")
@@ -225,7 +225,7 @@ def _pairs(values: list[str] | None, cast: type, flag: str) -> dict[str, Any]:
 
 
 def run(a: argparse.Namespace) -> str:
-    """The hours table for parsed ``astarpo plan --time`` flags (:func:`astarpo.plan.add_arguments`); with
+    """The hours table for parsed ``astarpo plan --time`` flags (:func:`astarpo.bench.plan.add_arguments`); with
     ``--json FILE`` the hours and every assumption go to FILE as well."""
     for name in ("mfu", "decode_efficiency"):
         value = getattr(a, name)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import BENCHMARKS, reported
+from ..benchmarks import BENCHMARKS, reported
 
 
 class ReportError(ValueError):
@@ -270,7 +270,7 @@ def plot(rows: list[Row], key: str, path: Path) -> bool:
 
 def report(paths: list[str], output_dir: str = "runs/report") -> Path:
     """Write ``report.md`` and one PNG per metric found into ``output_dir``; returns the Markdown file."""
-    from .rundir import write_text_atomic
+    from ..rundir import write_text_atomic
 
     rows, sources = load(paths)
     out = Path(output_dir)

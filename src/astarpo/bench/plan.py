@@ -1,5 +1,5 @@
 """`astarpo plan`: per-GPU memory of Stage 2 on paper, by component, for DDP, FSDP2, ZeRO-2, ZeRO-3 and LoRA
-(``--time``: hours per method, in :mod:`astarpo.cost`).
+(``--time``: hours per method, in :mod:`astarpo.bench.cost`).
 
 The formula counts what a training process holds at its peak (bytes per GPU):
 
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
-from .logprobs import LOGITS_CHUNK
-from .rundir import write_json_atomic
+from ..config import ConfigError
+from ..logprobs import LOGITS_CHUNK
+from ..rundir import write_json_atomic
 
 GIB = 2**30
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
@@ -275,7 +275,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> str:
-    """The memory table for parsed ``astarpo plan`` flags (``--time``: :func:`astarpo.cost.run`)."""
+    """The memory table for parsed ``astarpo plan`` flags (``--time``: :func:`astarpo.bench.cost.run`)."""
     a.gpus = 8 if a.gpus is None else a.gpus
     if a.gpus < 1:
         raise ConfigError(f"gpus must be >= 1, got {a.gpus}")
@@ -351,8 +351,8 @@ def measure(s: Shape, micro_batch: int, prompt_tokens: int, response_tokens: int
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from .generation import Rollout
-    from .logprobs import collate, response_logprobs
+    from ..generation import Rollout
+    from ..logprobs import collate, response_logprobs
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,

@@ -34,17 +34,17 @@ from typing import Any
 import torch
 import yaml
 
-from . import rewards
-from ._version import __version__
-from .config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
-from .data import encode_prompts, load_records
-from .engines import COLOCATED_GPU_SHARE, make_sampler
-from .evaluate import evaluate, kl_to_ref
-from .generation import HFSampler, SamplingParams
-from .models import eos_ids, load_model, load_tokenizer, resolve_model
-from .objectives import OBJECTIVES
-from .rundir import check_same_settings, write_json_atomic
-from .values import read_values
+from .. import rewards
+from .._version import __version__
+from ..config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
+from ..data import encode_prompts, load_records
+from ..engines import COLOCATED_GPU_SHARE, make_sampler
+from ..evaluate import evaluate, kl_to_ref
+from ..generation import HFSampler, SamplingParams
+from ..models import eos_ids, load_model, load_tokenizer, resolve_model
+from ..objectives import OBJECTIVES
+from ..rundir import check_same_settings, write_json_atomic
+from ..values import read_values
 
 
 class BenchError(RuntimeError):
@@ -244,7 +244,7 @@ def _external(cfg: BenchConfig, out: Path, seed: int, name: str, scores: dict[st
             "beta1": stage2.beta1, "beta": stage2.beta2 if name == "trl-a2po" else TrainConfig(algo="grpo").coefficient,
             "n": stage1.n, "seed": seed}
     (run.parent / f"{name}.json").write_text(json.dumps(spec, indent=1))
-    _run([str(run.parent / f"{name}.json")], run.parent / f"{name}.log", module="astarpo.bench_trl")
+    _run([str(run.parent / f"{name}.json")], run.parent / f"{name}.log", module="astarpo.bench.trl")
     scores[key] = {str(end): scorer(run / "trl" / f"checkpoint-{end}") for end in cfg.segments}
     write_json_atomic(out / "scores.json", scores)  # read back on resume
 
