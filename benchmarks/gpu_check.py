@@ -8,7 +8,7 @@ layout), and a BPE tokenizer trained in milliseconds on the built-in arithmetic 
 
 What it checks, each through the commands a user runs (``python -m astarpo values|train|eval``, as subprocesses)
 or, where a measurement must be taken inside the training process, a worker of this script around
-``astarpo.trainer.Trainer`` (under ``accelerate launch``; on a GPU with FSDP2 and one process):
+``astarpo.training.trainer.Trainer`` (under ``accelerate launch``; on a GPU with FSDP2 and one process):
 
 - ``stage1_reproducible``: Stage 1 with vLLM, run twice with the same settings into two files: the rows (rewards,
   lengths, response texts) are the same.
@@ -179,7 +179,7 @@ def worker(out: Path, train_args: list[str]) -> None:
     from astarpo.config import TrainConfig, build
     from astarpo.generation import SamplingParams
     from astarpo.launch import finish
-    from astarpo.trainer import Trainer
+    from astarpo.training.trainer import Trainer
     from astarpo.utils import rng_states, set_rng_states
 
     args = vars(parser().parse_args(["train", *train_args]))

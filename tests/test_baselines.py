@@ -10,7 +10,7 @@ from test_pipeline import COMMON, DigitReward
 
 from astarpo import TrainConfig, Trainer
 from astarpo.config import ConfigError
-from astarpo.objectives import (
+from astarpo.training.objectives import (
     OBJECTIVES,
     Batch,
     Objective,

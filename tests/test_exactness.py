@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from astarpo.generation import Rollout
 from astarpo.logprobs import collate, response_logprobs
-from astarpo.objectives import astarpo_loss
+from astarpo.training.objectives import astarpo_loss
 from astarpo.values import v_star
 
 EOS, A, B, C = 0, 1, 2, 3  # the whole vocabulary, so the enumerated responses carry all probability mass

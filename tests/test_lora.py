@@ -5,11 +5,11 @@ from safetensors.torch import load_file
 from test_pipeline import DigitReward, _train_cfg, _values
 
 from astarpo import Trainer
-from astarpo.assembly import reference_logprobs
 from astarpo.config import EvalConfig
 from astarpo.evaluate import run_eval
 from astarpo.logprobs import sequence_logprobs
 from astarpo.models import load_model
+from astarpo.training.assembly import reference_logprobs
 
 
 def test_lora_reference_is_the_untouched_base(tiny_model, tmp_path):

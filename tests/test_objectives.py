@@ -3,7 +3,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from astarpo.generation import Rollout
 from astarpo.logprobs import collate, response_logprobs, response_logprobs_entropy
-from astarpo.objectives import astarpo_loss, entropy_bonus
+from astarpo.training.objectives import astarpo_loss, entropy_bonus
 
 
 def test_astarpo_loss_hand_computed():

@@ -186,7 +186,7 @@ def test_entropy_coef_lowers_each_prompts_loss_and_its_update_raises_the_entropy
     is checked too: on the step's own samples, the policy updated with the bonus (a coefficient large enough to
     outweigh A*-PO's own gradient) has a higher mean token entropy than before the update and than the policy
     updated without it. A bonus without gradient makes the two updates, and so the two policies, identical."""
-    import astarpo.trainer as trainer_module
+    import astarpo.training.trainer as trainer_module
     from astarpo.models import load_model
 
     values, seen, batches = _values(tiny_model, tmp_path / "v.parquet"), [], []

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from astarpo.checkpoint import Checkpoints
 from astarpo.rundir import OutputError, atomic_path, check_same_settings, truncate_jsonl, write_json_atomic
+from astarpo.training.checkpoint import Checkpoints
 
 
 def test_atomic_path_replaces_only_when_complete(tmp_path):

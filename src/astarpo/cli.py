@@ -19,7 +19,7 @@ from .distributed import StrategyError
 from .launch import LayoutError, end_failed_process, finish, is_main_process
 from .rewards import RewardError
 from .rundir import OutputError
-from .trainer import TrainError
+from .training.trainer import TrainError
 from .values import ValuesError
 
 COMMANDS = {
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():  # one line under a multi-process launch, not one per process
                 print(out)  # compute_values has logged its one-line summary
         elif command == "train":
-            from .trainer import Trainer
+            from .training.trainer import Trainer
 
             trainer = Trainer(cfg)
             metrics = trainer.train()

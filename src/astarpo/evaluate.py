@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from . import rewards
 from .benchmarks import get_benchmark, load_benchmark, reported
-from .checkpoint import read_run_file
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
 from .engines import ALONE_GPU_SHARE, layout, make_sampler, sampler_class
@@ -30,6 +29,7 @@ from .launch import Launch
 from .logprobs import sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .rundir import diff_settings, write_json_atomic, write_text_atomic
+from .training.checkpoint import read_run_file
 
 log = logging.getLogger(__name__)
 

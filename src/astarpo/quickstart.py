@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import QUICKSTART, TrainConfig, ValuesConfig, build
 from .evaluate import evaluate
-from .trainer import Trainer
+from .training.trainer import Trainer
 from .utils import peak_memory_mb
 from .values import compute_values
 

@@ -42,8 +42,8 @@ from ..engines import COLOCATED_GPU_SHARE, make_sampler
 from ..evaluate import evaluate, kl_to_ref
 from ..generation import HFSampler, SamplingParams
 from ..models import eos_ids, load_model, load_tokenizer, resolve_model
-from ..objectives import OBJECTIVES
 from ..rundir import check_same_settings, write_json_atomic
+from ..training.objectives import OBJECTIVES
 from ..values import read_values
 
 

@@ -1,10 +1,10 @@
 """`astarpo plan --time`: hours of a training recipe for each method, from counted work and stated device rates.
 
 The work is counted from what this implementation runs, not from wall-clock guesses: for each objective in
-:data:`astarpo.objectives.OBJECTIVES` the passes :class:`astarpo.trainer.Trainer` makes per step (its group of
-samples, the reference forward where the objective reads ``ref_logp``, the old-policy forward for mini-batches
-after the first update or for all samples where the objective reads ``old_logp``, the critic's forward and
-training) and, for A*-PO, Stage 1's N samples per prompt, drawn once. Then
+:data:`astarpo.training.objectives.OBJECTIVES` the passes :class:`astarpo.training.trainer.Trainer` makes per step
+(its group of samples, the reference forward where the objective reads ``ref_logp``, the old-policy forward for
+mini-batches after the first update or for all samples where the objective reads ``old_logp``, the critic's
+forward and training) and, for A*-PO, Stage 1's N samples per prompt, drawn once. Then
 
     hours = Stage 1 (A*-PO only) + epochs x steps per epoch x (sampling + training passes)
 
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from ..objectives import OBJECTIVES
 from ..rundir import write_json_atomic
+from ..training.objectives import OBJECTIVES
 from .plan import SMOLLM2_135M, Shape, shape_of
 
 METHODS = tuple(OBJECTIVES)  # astarpo, grpo, rloo, rebel, ppo

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import Rollout
+from ..generation import Rollout
 from .objectives import Batch, seq_sum
 
 

@@ -21,11 +21,11 @@ from typing import Any
 from accelerate import Accelerator
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .config import TrainConfig, to_dict
-from .distributed import full_state_dict, strategy
-from .models import ValueModel
-from .models import load_model as load_causal_lm
-from .rundir import atomic_path, check_same_settings, truncate_jsonl, write_json_atomic
+from ..config import TrainConfig, to_dict
+from ..distributed import full_state_dict, strategy
+from ..models import ValueModel
+from ..models import load_model as load_causal_lm
+from ..rundir import atomic_path, check_same_settings, truncate_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .config import TrainConfig
-from .distributed import Learner, Trained, prepare_reference
-from .logprobs import token_logprobs
-from .models import ValueModel, add_lora, eos_ids, load_model
+from ..config import TrainConfig
+from ..distributed import Learner, Trained, prepare_reference
+from ..logprobs import token_logprobs
+from ..models import ValueModel, add_lora, eos_ids, load_model
 from .objectives import Objective
 
 

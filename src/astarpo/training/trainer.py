@@ -24,22 +24,22 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
-from . import rewards
+from .. import rewards
+from ..config import TrainConfig
+from ..data import load_prompts, step_prompts
+from ..distributed import check_supported, make_accelerator, ready_for_generation
+from ..engines import COLOCATED_GPU_SHARE, layout, make_sampler
+from ..evaluate import evaluate
+from ..generation import Rollout, SamplingParams, collect
+from ..logprobs import collate, response_logprobs, response_logprobs_entropy, token_logprobs
+from ..models import content_hash, load_tokenizer, resolve_model
+from ..rundir import check_writable
+from ..utils import peak_memory_mb
+from ..values import training_values
 from .assembly import build_training_models, reference_logprobs
 from .checkpoint import RunState, check_resume
-from .config import TrainConfig
-from .data import load_prompts, step_prompts
-from .distributed import check_supported, make_accelerator, ready_for_generation
-from .engines import COLOCATED_GPU_SHARE, layout, make_sampler
-from .evaluate import evaluate
-from .generation import Rollout, SamplingParams, collect
-from .logprobs import collate, response_logprobs, response_logprobs_entropy, token_logprobs
 from .metrics import UpdateStats, sample_columns, step_metrics
-from .models import content_hash, load_tokenizer, resolve_model
 from .objectives import OBJECTIVES, Batch, entropy_bonus
-from .rundir import check_writable
-from .utils import peak_memory_mb
-from .values import training_values
 
 
 class TrainError(RuntimeError):
