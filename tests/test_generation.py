@@ -105,6 +105,8 @@ class PlainGenerateSampler:
     and nothing to free while the policy updates (sleep)."""
 
     uses_policy = False  # its own copy: it samples as it is, outside the policy's autocast and gathering
+    owns_weights = True  # pushed after every update
+    can_sleep = True
 
     def __init__(self, model, tokenizer, eos):
         import copy
@@ -115,7 +117,7 @@ class PlainGenerateSampler:
         return sample(self.model, self.tokenizer, prompt_tokens, n, params.temperature, params.top_p,
                       params.max_new_tokens, self.eos, shared_prefill=False)
 
-    def load_weights(self, model):
+    def load_weights(self, model, version=None):
         self.model.load_state_dict(model.state_dict())
         self.loads += 1
 

@@ -38,7 +38,7 @@ from .. import rewards
 from .._version import __version__
 from ..config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
 from ..data import encode_prompts, load_records
-from ..engines import COLOCATED_GPU_SHARE, make_sampler
+from ..engines import COLOCATED_GPU_SHARE, make_sampler, sampler_class
 from ..evaluate import evaluate, kl_to_ref
 from ..generation import HFSampler, SamplingParams
 from ..models import eos_ids, load_model, load_tokenizer, resolve_model
@@ -99,7 +99,7 @@ class _Scorer:
         self.ref = load_model(self.model_dir).eval()
         self.reward_fn = rewards.resolve(recipe.reward)[1]
         self.sampler = (make_sampler(recipe, self.model_dir, self.tokenizer, gpu_share=COLOCATED_GPU_SHARE)
-                        if recipe.engine == "vllm" else None)  # beside the runs it scores
+                        if sampler_class(recipe).owns_weights else None)  # beside the runs it scores
 
     def __call__(self, model_dir: Path | None) -> dict[str, float]:
         model = self.ref if model_dir is None else load_model(model_dir).eval()

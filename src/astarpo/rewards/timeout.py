@@ -7,7 +7,7 @@ on a bad completion, and works from any thread or process (daemonic ``multiproce
 
 Workers are plain ``subprocess`` children speaking length-prefixed pickle over their stdin/stdout, so the caller
 needs no ``if __name__ == "__main__"`` guard (unlike ``multiprocessing`` spawn) and nothing is forked from a
-process that may hold CUDA or thread locks. They are persistent: start-up (importing sympy, ~0.5 s) is paid once.
+process that may hold CUDA or thread locks. They are persistent: start-up (importing sympy) is paid once.
 The function must be importable by reference (a module-level function); only the code is shared, never state.
 
 Linux and macOS only (``os.read`` on pipes, ``setitimer``).
@@ -40,8 +40,9 @@ MEMORY_LIMIT_MB = 4096  # address-space cap per worker, so a hostile expression 
 _HEADER = struct.Struct("!Q")
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
-# The worker imports astarpo.rewards.* without running astarpo/__init__.py, which pulls in torch (~2 s, ~300 MB
-# per worker) that graders never need: a bare package object pointing at the same directory stands in for it.
+# The worker imports astarpo.rewards.* without running astarpo/__init__.py, which pulls in torch (seconds and
+# hundreds of MB per worker) that graders never need: a bare package object pointing at the same directory stands
+# in for it.
 _BOOT = (
     "import sys, types\n"
     "pkg = types.ModuleType('astarpo'); pkg.__path__ = [sys.argv[1]]; sys.modules.setdefault('astarpo', pkg)\n"

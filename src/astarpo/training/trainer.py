@@ -81,7 +81,7 @@ class Trainer:
             self.eval_records, self.eval_prompt_ids = load_prompts(self.tokenizer, cfg, cfg.eval_data,
                                                                    cfg.eval_split, cfg.eval_limit)
         self.models = m = build_training_models(cfg, acc, self.model_dir, self.objective, self.tokenizer)
-        self.policy, self.ref, self.critic = m.policy, m.ref, m.critic
+        self.policy, self.ref, self.critic, self.eos = m.policy, m.ref, m.critic, m.eos
         self.sampler = make_sampler(cfg, self.model_dir, self.tokenizer, acc.unwrap_model(self.policy),
                                     gpu_share=COLOCATED_GPU_SHARE, launch=launch)
         self.params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
