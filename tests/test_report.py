@@ -81,25 +81,25 @@ def test_report_from_files(tmp_path):
 
 
 def test_stage1_hours_are_wall_clock_when_several_engines_sampled(tmp_path):
-    """Four shards of known sampling seconds merged after two engines sampled them (shard k is engine k % 2's):
+    """Four shards of known sampling seconds merged after two engines sampled them (each a contiguous block):
     the values file keeps the summed engine-seconds (`astarpo bench`'s figure, one process there) and records the
     busiest engine's seconds, the wall-clock time that the report puts beside Stage 2's summed step times."""
     shards = tmp_path / "v.parquet.shards"
     shards.mkdir()
-    seconds = [100.0, 300.0, 200.0, 500.0]  # engine 0: 100 + 200, engine 1: 300 + 500
+    seconds = [100.0, 300.0, 200.0, 500.0]  # engine 0: 100 + 300, engine 1: 200 + 500
     for k, s in enumerate(seconds):
         table = pa.table({"id": [str(k)], "rewards": [[0.0, 1.0]], "lengths": [[3, 4]]})
         pq.write_table(table.replace_schema_metadata({_SECONDS_KEY: json.dumps(s).encode()}),
                        shards / f"shard-{k:05d}.parquet")
     _merge_shards(shards, len(seconds), len(seconds), {}, time.perf_counter(), tmp_path / "v.parquet", 2)
     provenance = read_values(tmp_path / "v.parquet").provenance
-    assert (provenance["sampling_seconds"], provenance["sampling_wall_seconds"]) == (1100.0, 800.0)
+    assert (provenance["sampling_seconds"], provenance["sampling_wall_seconds"]) == (1100.0, 700.0)
 
     run = tmp_path / "run"
     _killed_run(run)
     (run / "train_config.json").write_text(json.dumps({"algo": "astarpo", "values": str(tmp_path / "v.parquet")}))
     row = _table(report([str(run)], str(tmp_path / "out")).read_text())[str(run)]
-    assert row[3:5] == [f"{800 / 3600:.3g}", f"{60 / 3600:.3g}"]  # Stage 1 and Stage 2 hours, both wall-clock
+    assert row[3:5] == [f"{700 / 3600:.3g}", f"{60 / 3600:.3g}"]  # Stage 1 and Stage 2 hours, both wall-clock
 
 
 def test_cli_summaries_progress_and_report_on_a_tiny_run(tiny_chat_model, tmp_path, capsys, caplog):
