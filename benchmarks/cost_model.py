@@ -4,6 +4,8 @@
    method and A*-PO's ratio to each baseline, beside the paper's (1.5B: the only row we could find). The device
    rates are datasheet peaks times stated efficiencies, not fitted to the paper; the gap is reported as it is,
    with what-ifs that show which unmodelled costs could explain it (none of them is adopted).
+   Then A*-PO on a generation server (issue #29): S of the 4 GPUs sampling while the others train
+   (``astarpo.bench.cost.split_hours``), overlapped (lag 1) or taking turns (lag 0).
 2. The CPU: rates fitted to two rows of the committed bench (``results/bench/bench.json``), then every committed
    CPU figure predicted beside its measurement (``astarpo.bench.cost.cpu_check``; held-out figures are the check).
 
@@ -84,6 +86,31 @@ def main() -> None:
         md.append(f"| {name} | " + " | ".join(f"{row[a]:.2f}" for a in ("astarpo", *BASELINES))
                   + f" | {row['astarpo'] / row['grpo']:.2f} |")
     md += ["", f"(The fixed cost is {fixed:.0f} s per step over {steps:.0f} steps.)", ""]
+    # Issue #29's server mode: A*-PO sampling on S of the 4 GPUs while the others train (cost.split_hours).
+    splits = {m: {f"S={S},K={K}": cost.split_hours(s, device, recipe, S, K) for S in range(1, recipe.gpus)
+                  for K in (1, 0)} for m, s in QWEN25.items()}
+    link = cost.link(device)
+    md += ["### A*-PO on a generation server (issue #29), the same recipe", "",
+           "S of the 4 GPUs run the vLLM server (an engine each) and the other 4 - S train; with lag K = 1 a step "
+           "costs max(sampling, training) + the weight push, with K = 0 their sum + the push "
+           f"({link['bytes_per_s'] / 1e9:.0f} GB/s: NVLink's {cost.NVLINK['h100'] / 2e9:.0f} GB/s one way at an "
+           f"assumed {cost.LINK_EFFICIENCY}); Stage 1 on all 4 GPUs as colocated. The model's prediction: astarpo's "
+           "server mode has not run on GPUs. A*-PO's hours:", "",
+           "| model | colocated | " + " | ".join(f"S={S}, K={K}" for K in (1, 0) for S in range(1, recipe.gpus))
+           + " |", "|---" * (2 + 2 * (recipe.gpus - 1)) + "|"]
+    for m in QWEN25:
+        md.append(f"| {m} | {models[m]['astarpo']['hours']:.2f} | " + " | ".join(
+            f"{splits[m][f'S={S},K={K}']['hours']:.2f}" for K in (1, 0) for S in range(1, recipe.gpus)) + " |")
+    co = cost.method_seconds(QWEN25["qwen2.5-1.5b"], device, "astarpo", recipe)
+    md += ["", "Qwen2.5-1.5B per step, seconds (colocated: the 4 GPUs sample, then train):", "",
+           "| split | sampling | training | weight push | step | idle side |", "|---|---|---|---|---|---|",
+           f"| colocated | {co['generation']:.2f} | {sum(co[p] for p in cost.PASSES):.2f} | not counted | "
+           f"{co['generation'] + sum(co[p] for p in cost.PASSES):.2f} | none (they take turns) |"]
+    for S in range(1, recipe.gpus):
+        a = splits["qwen2.5-1.5b"][f"S={S},K=1"]
+        md.append(f"| S={S}, K=1 | {a['generation_seconds']:.2f} | {a['training_seconds']:.2f} | "
+                  f"{a['push_seconds']:.3f} | {a['step_seconds']:.2f} | {a['waiting']} |")
+    md.append("")
     bench = json.loads((ROOT / cost.BENCH_PATH).read_text())
     sampling = json.loads((ROOT / cost.SAMPLING_PATH).read_text())
     fitted = cost.fit_cpu(bench)
@@ -106,6 +133,7 @@ def main() -> None:
                                 for m, h in models.items()},
         "ratios_1.5b": {"model": model_ratios, "paper": paper_ratios, "paper_hours": paper},
         "what_if_hours_1.5b": whatif, "fixed_seconds_per_step_closing_astarpo_gap": fixed,
+        "astarpo_on_a_server_h100x4": {"splits": splits, "link": link},
         "cpu": {"fitted": {"dense_flops": fitted.dense_flops, "decode_flops": fitted.decode_flops,
                            "bandwidth": fitted.bandwidth}, "check": rows, "worst_held_out_factor": worst}},
         indent=1) + "\n")

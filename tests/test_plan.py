@@ -194,6 +194,85 @@ def test_time_refuses_bad_input(flags, capsys):
     assert "astarpo: error:" in capsys.readouterr().err
 
 
+def test_async_step_is_the_overlap_of_sampling_on_the_server_and_training_on_the_rest_plus_the_push():
+    """S server GPUs sample (one engine each, an S-th of the step's prompts) while the other 4 - S train: with lag
+    >= 1 a step is max(sampling, training) + the weight push, with lag 0 their sum + the push; the hours add Stage 1
+    (on all 4 GPUs, as colocated) and, overlapping, the one step's shorter side that cannot overlap."""
+    r = cost.Recipe()
+    push = 2 * QWEN15.params() / (900e9 / 2 * 0.8)  # bf16 weights, one direction of NVLink at the assumed 0.8
+    stage1 = cost.method_seconds(QWEN15, H100, "astarpo", r)["stage1"]
+    colocated = cost.method_seconds(QWEN15, H100, "astarpo", r)
+    colocated_training = sum(colocated[p] for p in cost.PASSES)
+    rows = {}
+    for S in (1, 2, 3):
+        prompts = -(-256 // S)
+        gen = cost.decode_seconds(QWEN15, H100, prompts, prompts, r)  # A*-PO: one response per prompt
+        train = colocated_training * 4 / (4 - S)  # every training pass split over the trainer's GPUs
+        on = rows[S] = cost.split_hours(QWEN15, H100, r, S, 1)
+        off = cost.split_hours(QWEN15, H100, r, S, 0)
+        assert (on["server_gpus"], on["trainer_gpus"]) == (S, 4 - S)
+        assert on["generation_seconds"] == pytest.approx(gen) and on["training_seconds"] == pytest.approx(train)
+        assert on["push_seconds"] == pytest.approx(push) == off["push_seconds"]
+        assert on["step_seconds"] == pytest.approx(max(gen, train) + push)
+        assert off["step_seconds"] == pytest.approx(gen + train + push)
+        assert on["hours"] == pytest.approx((stage1 + 725 * on["step_seconds"] + min(gen, train)) / 3600)
+        assert off["hours"] == pytest.approx((stage1 + 725 * off["step_seconds"]) / 3600)
+        assert on["stage1_hours"] == colocated["stage1"] / 3600
+        assert cost.split_hours(QWEN15, H100, r, S, 3)["hours"] == on["hours"]  # fixed step times: lag 1 overlaps
+    # Moving a GPU from the trainer to the server: sampling shorter, training longer.
+    assert rows[1]["generation_seconds"] > rows[2]["generation_seconds"] > rows[3]["generation_seconds"]
+    assert rows[1]["training_seconds"] < rows[2]["training_seconds"] < rows[3]["training_seconds"]
+    assert rows[1]["waiting"] == "trainer" and rows[3]["waiting"] == "server"
+    best = cost.best_split(QWEN15, H100, r)
+    assert best["server_gpus"] == 2 and best["hours_by_server_gpus"][1] == rows[1]["hours"]
+    # A larger model pushes proportionally more bytes over the same link.
+    assert cost.push_seconds(QWEN25["qwen2.5-7b"], H100) == pytest.approx(push * QWEN25["qwen2.5-7b"].params()
+                                                                        / QWEN15.params())
+
+
+def test_no_server_gpus_is_the_colocated_loop_exactly(capsys):
+    r = cost.Recipe()
+    assert cost.split_hours(QWEN15, H100, r, 0, 0) == cost.hours(QWEN15, H100, r)["astarpo"]
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--time"]) == 0
+    colocated = capsys.readouterr().out
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--time", "--server-gpus", "0"]) == 0
+    assert capsys.readouterr().out == colocated and "server" not in colocated
+    assert "async" not in _cli_json(["plan", "--model", "qwen2.5-1.5b", "--time", "--server-gpus", "0"])
+
+
+def test_time_table_and_json_put_async_astarpo_beside_the_colocated_methods(capsys):
+    r = cost.Recipe()
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--time", "--server-gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    one = cost.split_hours(QWEN15, H100, r, 1, 1)  # the lag's default with server GPUs is 1
+    assert f"| astarpo, server 1 + trainer 3 GPUs, lag 1 | 1 | {one['hours']:.2f} |" in out
+    colocated = cost.hours(QWEN15, H100, r)
+    assert f"| astarpo | 1 | {colocated['astarpo']['hours']:.2f} |" in out and "| grpo | 8 |" in out
+    assert "(fewest: S=2)" in out
+    got = _cli_json(["plan", "--model", "qwen2.5-1.5b", "--time", "--server-gpus", "2", "--async-lag", "0"])
+    assert got["methods"] == colocated  # the colocated rows are unchanged
+    assert got["async"]["astarpo"] == cost.split_hours(QWEN15, H100, r, 2, 0)
+    assert got["async"]["best_split"]["server_gpus"] == 2
+    assert set(got["async"]["best_split"]["hours_by_server_gpus"]) == {"1", "2", "3"}
+    assert got["async"]["link"]["bytes_per_s"] == 900e9 / 2 * cost.LINK_EFFICIENCY
+    assert "900 GB/s" in got["async"]["link"]["sources"]["nvlink"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--server-gpus", "4"], "server_gpus must be between 0 (the colocated loop) and gpus - 1 = 3"),
+    (["--server-gpus", "-1"], "server_gpus must be between 0"),
+    (["--gpus", "1", "--server-gpus", "1"], "gpus - 1 = 0 (the trainer needs a GPU), got 1"),
+    (["--async-lag", "1"], "async lag needs server GPUs"),
+    (["--server-gpus", "1", "--async-lag", "-1"], "async lag must be >= 0, got -1"),
+    (["--server-gpus", "1", "--device", "cpu"], "is for a GPU device (h100, h200), got cpu")])
+def test_time_refuses_a_bad_split(flags, message, capsys, tmp_path):
+    argv = ["plan", "--model", "qwen2.5-1.5b", "--time", "--json", str(tmp_path / "out.json"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("astarpo: error:") and message in err
+    assert not (tmp_path / "out.json").exists()  # refused before anything is written
+
+
 def test_cpu_rates_are_the_committed_bench_fit_and_predict_what_it_did_not_see():
     """`--device cpu`'s rates are fit_cpu(bench.json) (A*-PO's step, A*-PO's and GRPO's sampling); every other
     committed CPU figure (the other methods' steps, Stage 1, vllm_sampling.json's HF runs) is predicted within

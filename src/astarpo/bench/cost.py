@@ -17,6 +17,32 @@ parallel); what they say to each other is not counted, nor are attention's own F
 at these lengths), the optimizer step, pushing weights into the engine, reward scoring, checkpoints and
 evaluation. Every device rate is a stated assumption with its source (:func:`assumptions`); the CPU's are fitted
 to the committed CPU bench (:func:`fit_cpu`) and checked on runs the fit did not see (:func:`cpu_check`).
+
+The asynchronous case (:func:`split_hours`, ``--server-gpus S --async-lag K``; issue #29's vLLM server mode, A*-PO
+only: the baselines' ratios need the sampling policy, so they stay synchronous): S of the recipe's GPUs run the
+generation server, one engine per GPU (tensor-parallel 1: each takes an S-th of the step's prompts, with the same
+decode model as above; a tensor-parallel engine is not modelled, its per-layer all-reduces would need a term of
+their own), and the other G - S train, every training pass split over them. Then
+
+    hours = Stage 1 (all G GPUs, before training, as above) + steps x (overlap + push) + fill
+    overlap = max(sampling on S, training on G - S) with K >= 1;  their sum with K = 0
+
+K >= 1 lets the server draw step t + 1 while the trainer trains on step t; with fixed step times a lag of 1 already
+overlaps fully (a larger K only absorbs step-to-step variation, which is not modelled), and ``fill`` is what cannot
+overlap, once: the first step's sampling before the trainer has anything to train on, or the last step's training
+after the server has nothing left to draw, whichever side is not the bottleneck: min(sampling, training). K = 0 does
+not overlap: the server only frees the trainer's GPUs of the engine's memory. Stage 1 is assumed to run on all G
+GPUs before the server starts (as `astarpo values` does today). The push is the policy's weights in the engine's
+dtype sent from the trainer to the server once per step (after the step's last optimizer update; the server samples
+with one policy version per step), over NVLink in one direction (:data:`NVLINK`, at the assumed
+:data:`LINK_EFFICIENCY`); it is assumed to stall both sides (the trainer sends, the server pauses generation while
+the weights load), so it adds to the step either way. In the colocated case the push is not counted (above): there
+it is a copy within each GPU's own memory, at HBM rather than link bandwidth, and every method pays it alike. Here
+it crosses between GPUs, and it sits on the path of a step whose other terms overlap; across nodes (InfiniBand or
+Ethernet instead of NVLink) it would be slower still. Counted are its bytes only: not the trainer's gather of
+sharded weights before sending, the per-tensor latency of a push that goes tensor by tensor, nor the engine's own
+loading of the weights. The number of steps is the synchronous run's: what training on samples up to K versions old
+does to learning (the steps needed to reach an accuracy) is not modelled.
 """
 
 from __future__ import annotations
@@ -58,6 +84,12 @@ class Device:
 PEAK = {"h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12)}
 TRAIN_MFU = 0.4  # assumption: model FLOP utilisation of FSDP/DeepSpeed training of 1-7B models
 DECODE_EFFICIENCY = 0.5  # assumption: the share of peak bandwidth and peak FLOP/s a decode step achieves
+# NVIDIA's datasheets (SXM parts): NVLink 900 GB/s per GPU, both directions together (18 fourth-generation links);
+# a weight push goes one way, so it has half of it. (Read in copies quoting the datasheets, not NVIDIA's PDF.)
+NVLINK = {"h100": 900e9, "h200": 900e9}
+# assumption: the share of one direction's NVLink bandwidth a NCCL broadcast of the weights achieves (near what
+# NVIDIA/nccl issue #1264 reports for CUDA's p2pBandwidthLatencyTest on H100 SXM: 380 of 450 GB/s one way)
+LINK_EFFICIENCY = 0.8
 
 
 def gpu(name: str, mfu: float = TRAIN_MFU, decode_efficiency: float = DECODE_EFFICIENCY) -> Device:
@@ -198,6 +230,65 @@ def hours(s: Shape, d: Device, r: Recipe, methods: tuple[str, ...] = METHODS) ->
     return out
 
 
+def link(d: Device, efficiency: float = LINK_EFFICIENCY) -> dict[str, Any]:
+    """The trainer-to-server link of a GPU: bytes per second one way, and where the figure comes from."""
+    if d.name not in NVLINK:
+        raise ConfigError(f"the asynchronous case (server GPUs) is for a GPU device ({', '.join(NVLINK)}), "
+                          f"got {d.name}")
+    return {"bytes_per_s": NVLINK[d.name] / 2 * efficiency, "sources": {
+        "nvlink": f"{NVLINK[d.name] / 1e9:.0f} GB/s per GPU, both directions ({NVLINK[d.name] / 2e9:.0f} GB/s "
+                  f"one way; NVIDIA {d.name.upper()} SXM datasheet)",
+        "link_efficiency": f"{efficiency} (assumption: share of one direction a NCCL broadcast achieves; "
+                           "NVIDIA/nccl issue #1264 measures 380 of 450 GB/s on H100 SXM)"}}
+
+
+def push_seconds(s: Shape, d: Device) -> float:
+    """Seconds to send the policy's weights in the engine's dtype (``d.weight_bytes``) from trainer to server."""
+    return d.weight_bytes * s.params() / link(d)["bytes_per_s"]
+
+
+def split_hours(s: Shape, d: Device, r: Recipe, server_gpus: int, lag: int = 1) -> dict[str, Any]:
+    """A*-PO's hours with ``server_gpus`` of the recipe's GPUs sampling (a vLLM engine each) and the others
+    training, the two overlapping with ``lag`` >= 1 and taking turns with 0 (the module docstring gives the
+    formula). ``server_gpus`` 0 is the colocated loop: :func:`hours`' own A*-PO row. ``generation_hours`` and
+    ``training_hours`` are each side's busy hours on its own GPUs; with ``lag`` >= 1 they overlap, so they do not
+    add up to ``hours``."""
+    if lag < 0:
+        raise ConfigError(f"async lag must be >= 0, got {lag}")
+    if server_gpus == 0:
+        if lag:
+            raise ConfigError("async lag needs server GPUs (--server-gpus >= 1): colocated GPUs take turns "
+                              "sampling and training, so nothing overlaps")
+        return hours(s, d, r, ("astarpo",))["astarpo"]
+    if not 0 < server_gpus < r.gpus:
+        raise ConfigError(f"server_gpus must be between 0 (the colocated loop) and gpus - 1 = {r.gpus - 1} (the "
+                          f"trainer needs a GPU), got {server_gpus}")
+    server = method_seconds(s, d, "astarpo", replace(r, gpus=server_gpus))
+    trainer = method_seconds(s, d, "astarpo", replace(r, gpus=r.gpus - server_gpus))
+    generation, by_pass = server["generation"], {name: trainer[name] for name in PASSES}
+    training, push = sum(by_pass.values()), push_seconds(s, d)
+    step = (max(generation, training) if lag else generation + training) + push
+    fill = min(generation, training) if lag else 0.0
+    stage1 = method_seconds(s, d, "astarpo", r)["stage1"]
+    steps = r.epochs * r.steps_per_epoch
+    return {"hours": (stage1 + steps * step + fill) / 3600, "stage1_hours": stage1 / 3600,
+            "generation_hours": steps * generation / 3600, "training_hours": steps * training / 3600,
+            "training_hours_by_pass": {name: steps * sec / 3600 for name, sec in by_pass.items()},
+            "push_hours": steps * push / 3600, "fill_hours": fill / 3600, "steps": steps,
+            "group_size": server["group_size"], "samples_per_step": server["samples_per_step"],
+            "step_seconds": step, "generation_seconds": generation, "training_seconds": training,
+            "push_seconds": push, "push_bytes": d.weight_bytes * s.params(), "server_gpus": server_gpus,
+            "trainer_gpus": r.gpus - server_gpus, "async_lag": lag,
+            "waiting": ("trainer" if generation > training else "server") if lag else "alternating",
+            "decode_tokens_per_second_per_gpu": server["decode_tokens_per_second_per_gpu"]}
+
+
+def best_split(s: Shape, d: Device, r: Recipe, lag: int = 1) -> dict[str, Any]:
+    """A*-PO's hours for every split S = 1 .. gpus - 1, and the S with the fewest."""
+    by = {S: split_hours(s, d, r, S, lag)["hours"] for S in range(1, r.gpus)}
+    return {"hours_by_server_gpus": by, "server_gpus": min(by, key=by.get) if by else None}
+
+
 def assumptions(s: Shape, d: Device, r: Recipe) -> dict[str, Any]:
     """Every number the hours rest on, with where it comes from."""
     return {"device": d.name, "dense_flops_per_s": d.dense_flops, "decode_flops_per_s": d.decode_flops,
@@ -239,14 +330,21 @@ def run(a: argparse.Namespace) -> str:
                     group_sizes=_pairs(a.group_size, int, "--group-size"),
                     kl_coefs=_pairs(a.kl_coef, float, "--kl-coef"))
     s = shape_of(a.model)
+    server_gpus = a.server_gpus
+    lag = (1 if server_gpus else 0) if a.async_lag is None else a.async_lag
+    split = split_hours(s, device, recipe, server_gpus, lag)  # checks both before anything is written
     if a.json:
-        write_json_atomic(Path(a.json), {"methods": hours(s, device, recipe),
-                                         "assumptions": assumptions(s, device, recipe)})
-    return table(a.model, s, device, recipe)
+        out = {"methods": hours(s, device, recipe), "assumptions": assumptions(s, device, recipe)}
+        if server_gpus:
+            out["async"] = {"astarpo": split, "best_split": best_split(s, device, recipe, lag),
+                            "link": link(device)}
+        write_json_atomic(Path(a.json), out)
+    return table(a.model, s, device, recipe, server_gpus, lag)
 
 
-def table(model: str, s: Shape, d: Device, r: Recipe) -> str:
-    """A markdown table of hours per method and where they go."""
+def table(model: str, s: Shape, d: Device, r: Recipe, server_gpus: int = 0, lag: int = 0) -> str:
+    """A markdown table of hours per method and where they go; with ``server_gpus``, A*-PO on a generation
+    server of that many GPUs (:func:`split_hours`) as a row of its own, explained below the table."""
     rows = hours(s, d, r)
     head = (f"{model}: {s.params() / 1e9:.2f}B parameters on {r.gpus} x {d.name}, {r.prompts} prompts x "
             f"{r.epochs:g} epochs, batch {r.batch} (mini-batch {r.mini_batch}), {r.prompt_tokens} + "
@@ -258,7 +356,28 @@ def table(model: str, s: Shape, d: Device, r: Recipe) -> str:
         lines.append(f"| {algo} | {m['group_size']} | {m['hours']:.2f} | {m['stage1_hours']:.2f} | "
                      f"{m['generation_hours']:.2f} | {t['policy']:.2f} | {t['reference']:.2f} | "
                      f"{t['old_policy']:.2f} | {t['critic']:.2f} | {m['decode_tokens_per_second_per_gpu']:,.0f} |")
-    return head + "\n".join(lines) + "\n"
+    if not server_gpus:
+        return head + "\n".join(lines) + "\n"
+    a = split_hours(s, d, r, server_gpus, lag)
+    t = a["training_hours_by_pass"]
+    name = f"astarpo, server {server_gpus} + trainer {r.gpus - server_gpus} GPUs, lag {lag}"
+    lines.append(f"| {name} | 1 | {a['hours']:.2f} | {a['stage1_hours']:.2f} | {a['generation_hours']:.2f} | "
+                 f"{t['policy']:.2f} | {t['reference']:.2f} | {t['old_policy']:.2f} | {t['critic']:.2f} | "
+                 f"{a['decode_tokens_per_second_per_gpu']:,.0f} |")
+    best = best_split(s, d, r, lag)
+    step = (f"max(sampling {a['generation_seconds']:.2f} s, training {a['training_seconds']:.2f} s)" if lag else
+            f"sampling {a['generation_seconds']:.2f} s + training {a['training_seconds']:.2f} s")
+    note = (f"\nThe last row samples on {server_gpus} GPU(s) (a vLLM engine each) while {r.gpus - server_gpus} "
+            f"train; its sampling and training columns are each side's busy hours on its own GPUs"
+            + (", which overlap, so they do not add up to its hours" if lag else "") + f". A step is {step} + "
+            f"weight push {a['push_seconds']:.3f} s ({a['push_bytes'] / 1e9:.2f} GB at "
+            f"{link(d)['bytes_per_s'] / 1e9:.0f} GB/s) = {a['step_seconds']:.2f} s"
+            + (f"; the {a['waiting']} waits" if lag else "") + f" ({a['steps']:g} steps"
+            + (f", plus {a['fill_hours'] * 3600:.2f} s once before the overlap starts" if lag else "") + "). "
+            f"A*-PO's hours by server GPUs at lag {lag}: "
+            + ", ".join(f"S={S} {h:.2f}" for S, h in best["hours_by_server_gpus"].items())
+            + f" (fewest: S={best['server_gpus']}).\n")
+    return head + "\n".join(lines) + "\n" + note
 
 
 # ----- the CPU, fitted to the committed bench and checked on what the fit did not see --------------------------

@@ -272,6 +272,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu: rates fitted to the committed CPU bench (SmolLM2-135M, float32)")
     t.add_argument("--mfu", type=float, help="GPU training FLOP utilisation (default 0.4)")
     t.add_argument("--decode-efficiency", type=float, help="GPU share of peak bandwidth/FLOPs decoding (default 0.5)")
+    t.add_argument("--server-gpus", type=int, default=0, metavar="S",
+                   help="A*-PO with S of the GPUs running a vLLM generation server and the rest training (issue "
+                        "#29's server mode); 0: today's colocated loop")
+    t.add_argument("--async-lag", type=int, metavar="K",
+                   help="with --server-gpus: samples up to K policy versions old, so sampling and training "
+                        "overlap (default 1); 0: they take turns")
 
 
 def run(a: argparse.Namespace) -> str:
