@@ -78,8 +78,8 @@ def stage1_worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         draw = time.perf_counter() - t1
         return {"startup_s": startup, "draw_s": draw, "samples": len(got), "tokens": None,
                 "mean_reward": sum(got) / len(got)}
-    from astarpo.engines import make_sampler
     from astarpo.models import load_model
+    from astarpo.samplers import make_sampler
 
     model = None if cfg.engine == "vllm" else load_model(model_dir)
     sampler = make_sampler(cfg, model_dir, tok, model)

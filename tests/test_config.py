@@ -34,6 +34,11 @@ def test_yaml_then_overrides(tmp_path):
     (EvalConfig, {"vllm_tensor_parallel_size": 0}, "vllm_tensor_parallel_size must be >= 1"),
     (EvalConfig, {"vllm_kv_cache_gb": 0}, "vllm_kv_cache_gb must be > 0"),
     (TrainConfig, {"vllm_dtype": "int8"}, "vllm_dtype must be one of"),
+    (ValuesConfig, {"vllm_mode": "remote"}, "vllm_mode must be one of colocate, server"),
+    (EvalConfig, {"vllm_mode": "server"}, "vllm_mode server samples with `astarpo serve`'s vLLM engine"),
+    (TrainConfig, {"async_lag": -1}, "async_lag must be >= 0"),
+    (TrainConfig, {"async_lag": 2}, "add --engine vllm --vllm-mode server"),
+    (TrainConfig, {"algo": "grpo", "async_lag": 1}, "async_lag is A\\*-PO's: its regression target holds"),
 ])
 def test_out_of_range_settings(cls, settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from .bench import BenchError
 from .bench.report import ReportError
-from .config import BenchConfig, ConfigError, EvalConfig, TrainConfig, ValuesConfig, build
+from .config import BenchConfig, ConfigError, EvalConfig, ServeConfig, TrainConfig, ValuesConfig, build
 from .data import DataError
 from .distributed import StrategyError
 from .launch import LayoutError, end_failed_process, finish, is_main_process
 from .rewards import RewardError
 from .rundir import OutputError
+from .serve import ServerError
 from .training.trainer import TrainError
 from .values import ValuesError
 
@@ -26,12 +27,14 @@ COMMANDS = {
     "values": (ValuesConfig, "Stage 1: sample N responses per prompt from the reference model, store the rewards"),
     "train": (TrainConfig, "Stage 2: train the policy by regressing onto the optimal advantage"),
     "eval": (EvalConfig, "accuracy (greedy pass@1, avg@k) and KL to the reference on a prompt set"),
+    "serve": (ServeConfig, "one vLLM engine in its own process, for launches run with --engine vllm --vllm-mode server "
+                           "(and A*-PO's --async-lag)"),
     "bench": (BenchConfig, "A*-PO against GRPO, RLOO, REBEL and PPO on the default model and task: time, memory, "
                            "accuracy and KL side by side"),
 }
 # One-line errors for what the user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (BenchError, ConfigError, DataError, LayoutError, OutputError, ReportError, RewardError, StrategyError,
-               TrainError, ValuesError, FileNotFoundError, KeyError)
+USER_ERRORS = (BenchError, ConfigError, DataError, LayoutError, OutputError, ReportError, RewardError, ServerError,
+               StrategyError, TrainError, ValuesError, FileNotFoundError, KeyError)
 log = logging.getLogger("astarpo")
 
 
@@ -123,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                 from .bench.report import run_row, summary
 
                 log.info("stage 2: %s -> %s", summary(run_row(Path(cfg.output_dir))), Path(cfg.output_dir) / "final")
+        elif command == "serve":
+            from .serve import serve
+
+            serve(cfg)
         elif command == "bench":
             from .bench import bench, markdown
 
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"astarpo: error: {msg}", file=sys.stderr)
+        end_failed_process(2, traceback=False)  # under a launch: at once, so the launcher stops the others
         return 2
     except Exception:
         end_failed_process()  # under a launch: at once, with the traceback, so the launcher stops the others

@@ -86,6 +86,14 @@ class CommonConfig:
         "vllm: no torch.compile or CUDA graphs (start-up in seconds, slower decoding)"))
     vllm_dtype: str | None = field(default=None, metadata=_free(
         "vllm: the engine's weight dtype (default: dtype); bfloat16 samples faster from a float32 policy"))
+    # like engine, the mode decides which random stream draws the samples: not free on resume
+    vllm_mode: str = field(default="colocate", metadata={
+        "help": "vllm: colocate (an engine inside the launch's processes) | server (the one engine of `astarpo "
+                "serve`, in its own processes, at --vllm-server)"})
+    vllm_server: str = field(default="127.0.0.1:8000", metadata=_free("vllm_mode server: HOST:PORT of the server"))
+    vllm_server_timeout: float = field(default=600.0, metadata=_free(
+        "vllm_mode server: seconds a request may take, waiting behind a weight push or another request included, "
+        "before the run stops with an error"))
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -109,6 +117,15 @@ class CommonConfig:
             raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_tensor_parallel_size < 1:
             raise ConfigError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
+        _choice("vllm_mode", self.vllm_mode, ("colocate", "server"))
+        if self.vllm_mode == "server":
+            if self.engine != "vllm":
+                raise ConfigError("vllm_mode server samples with `astarpo serve`'s vLLM engine: add --engine vllm")
+            if self.vllm_tensor_parallel_size != 1:
+                raise ConfigError("with vllm_mode server the engine's size is the server's own: drop "
+                                  "vllm_tensor_parallel_size")
+            if not self.vllm_server_timeout > 0:
+                raise ConfigError(f"vllm_server_timeout must be > 0, got {self.vllm_server_timeout}")
         if self.vllm_kv_cache_gb is not None and not self.vllm_kv_cache_gb > 0:
             raise ConfigError(f"vllm_kv_cache_gb must be > 0, got {self.vllm_kv_cache_gb}")
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -223,6 +240,9 @@ class TrainConfig(CommonConfig):
     mini_batch_size: int | None = field(default=None, metadata={"help": "prompts per optimizer update "
                                                                          "(default: batch_size)"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward"})
+    async_lag: int = field(default=0, metadata={
+        "help": "astarpo with --vllm-mode server: the server samples up to this many policy versions ahead of "
+                "training, while the trainer updates (0: samples from the current policy, one step after another)"})
     steps: int | None = field(default=None, metadata=_free("default: one pass over the prompts"))
     save_every: int = field(default=50, metadata=_free())
     keep_checkpoints: int = field(default=2, metadata=_free())
@@ -289,6 +309,14 @@ class TrainConfig(CommonConfig):
                               f"got {self.mini_batch_size}")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.async_lag < 0:
+            raise ConfigError(f"async_lag must be >= 0, got {self.async_lag}")
+        if self.async_lag and self.algo != "astarpo":
+            raise ConfigError(f"async_lag is A*-PO's: its regression target holds for responses from any policy, while "
+                              f"{self.algo}'s ratios need the policy that sampled; drop async_lag")
+        if self.async_lag and self.vllm_mode != "server":
+            raise ConfigError("async_lag samples ahead on `astarpo serve`'s engine while the launch trains: add "
+                              "--engine vllm --vllm-mode server")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
 
@@ -402,6 +430,42 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
                      "validation_prompts": 20, "kl_prompts": 40,
                      "learning_rates": "astarpo=1e-5,grpo=2e-5,ppo=2e-5,rebel=1e-5"},
 }
+
+
+@dataclass
+class ServeConfig:
+    """`astarpo serve`: one vLLM engine in its own process, for the launches that run with --vllm-mode server."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": f"the reference model its clients start from: hub id, local dir, .gguf file, or {DEFAULT_MODEL!r}"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to listen on: 127.0.0.1 serves this machine only; any other lets every host that reaches "
+                "it sample and replace the weights (no authentication)"})
+    port: int = 8000
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16: the engine's weights"})
+    max_model_len: int = field(default=2048, metadata={"help": "longest prompt + response the engine takes"})
+    max_num_seqs: int = field(default=256, metadata={"help": "sequences the engine decodes at once"})
+    vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of the GPU the engine takes"})
+    vllm_kv_cache_gb: float | None = field(default=None, metadata={"help": "KV cache size in GiB (4 on CPU)"})
+    vllm_enforce_eager: bool = field(default=False, metadata={"help": "no torch.compile and CUDA graphs: starts in "
+                                                                      "seconds, decodes slower"})
+    lease_seconds: float = field(default=600.0, metadata={
+        "help": "a launch holds the server while it made a request in the last this many seconds; another launch is "
+                "refused meanwhile (the same run, resumed, is not)"})
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        for name in ("max_model_len", "max_num_seqs", "port"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if not self.lease_seconds > 0:
+            raise ConfigError(f"lease_seconds must be > 0, got {self.lease_seconds}")
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(VLLM_MISSING)
 
 
 @dataclass
@@ -559,7 +623,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(f"{name} must be {base.__name__}, got {value!r}") from None
 
 
-SECTIONS = {"ValuesConfig": "values", "TrainConfig": "train", "EvalConfig": "eval", "BenchConfig": "bench"}
+SECTIONS = {"ValuesConfig": "values", "TrainConfig": "train", "EvalConfig": "eval", "BenchConfig": "bench",
+            "ServeConfig": "serve"}
 # What a named benchmark fixes itself: an eval with benchmarks does not inherit these from the top level.
 _PROMPT_SET_KEYS = ("data", "split", "limit", "reward", "prompt_column", "answer_column", "prompt_template",
                     "max_prompt_tokens", "on_long_prompt")

@@ -187,6 +187,18 @@ class Learner:
 
 
 @contextlib.contextmanager
+def ready_to_sample(acc: Accelerator, model: Any, sampler: Any, gather: bool = True) -> Iterator[None]:
+    """A sampler that uses the policy itself (``sampler.uses_policy``) runs under the policy's autocast, with its
+    weights ready (:func:`ready_for_generation`); an engine with weights of its own needs nothing from the policy
+    and runs as it is (its kernels under another autocast would compute in the wrong dtype)."""
+    if not sampler.uses_policy:
+        yield
+        return
+    with acc.autocast(), ready_for_generation(acc, model, gather):
+        yield
+
+
+@contextlib.contextmanager
 def ready_for_generation(acc: Accelerator, model: Any, gather: bool = True) -> Iterator[None]:
     """The policy ready for a block of sampling under FSDP2 or ZeRO-3; other strategies: nothing to do.
 

@@ -1,6 +1,6 @@
-"""Generation engines behind :class:`astarpo.generation.Sampler`: Hugging Face ``generate`` (the default) and vLLM.
+"""vLLM behind :class:`astarpo.generation.Sampler`, in this process (:mod:`astarpo.samplers` picks the engine).
 
-:func:`make_sampler` picks one from ``cfg.engine``. :class:`VLLMSampler` runs a vLLM engine inside this process
+:class:`VLLMSampler` runs a vLLM engine inside this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), for two reasons: Stage 2 pushes the policy's weights into the engine
 after every optimizer step without copying them to another process, and vLLM's sampler then draws from this
 process's random streams, so seeding them all (``accelerate.utils.set_seed``: torch, CUDA, numpy, random; which
@@ -38,7 +38,7 @@ import torch
 
 from .config import VLLM_MISSING, CommonConfig
 from .distributed import whole_weights
-from .generation import HFSampler, Rollout, Sampler, SamplingParams, _trim
+from .generation import Rollout, SamplingParams, _trim
 from .launch import Launch, at_finish
 from .models import eos_ids, load_model
 from .utils import rng_states, set_rng_states
@@ -53,21 +53,18 @@ ALONE_GPU_SHARE = 0.9  # values' default: the engine alone on its GPUs
 ENGINE_BATCH_TOKENS = 8192  # tokens per engine step (chunked prefill): vLLM's offline default on most GPUs
 
 
-def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model: Any = None, *,
-                 gpu_share: float = ALONE_GPU_SHARE, launch: Launch | None = None) -> Sampler:
-    """The engine ``cfg.engine`` names. ``model`` is the HF model an ``hf`` sampler samples from; a ``vllm``
-    sampler loads ``model_dir`` itself (a LoRA checkpoint: its base model, then ``model``'s merged weights), with
-    ``cfg.vllm_gpu_memory_utilization`` or else ``gpu_share`` of each GPU, as the caller knows what else is there.
+def vllm_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model: Any, *, gpu_share: float,
+                 launch: Launch) -> VLLMSampler:
+    """This process's vLLM engine for ``cfg``: it loads ``model_dir`` itself (a LoRA checkpoint: its base model,
+    then ``model``'s merged weights), with ``cfg.vllm_gpu_memory_utilization`` or else ``gpu_share`` of each GPU,
+    as the caller knows what else is there.
 
     A vLLM engine is started once per process and setting (start-up takes seconds to minutes): a later call with
     the same settings (Stage 1, then Stage 2, then evaluation, as the quickstart does) gets the same engine, its
     weights reloaded from ``model_dir`` if they were replaced. A call with other settings shuts the old engine down
     first: two engines would hold two shares of the GPU, and vLLM allows one sleep-mode engine per process.
-    Each engine draws from its own random stream: it is seeded with ``cfg.seed`` + its index in ``launch`` (the
-    command's, :func:`layout` when not given).
+    Each engine draws from its own random stream: it is seeded with ``cfg.seed`` + its index in ``launch``.
     """
-    if sampler_class(cfg) is HFSampler:
-        return HFSampler(model, tokenizer, eos_ids(model, tokenizer), cfg.generation_batch_size)
     model_dir = Path(model_dir)
     adapter = model_dir / "adapter_config.json"
     base = Path(json.loads(adapter.read_text())["base_model_name_or_path"]) if adapter.is_file() else model_dir
@@ -75,31 +72,20 @@ def make_sampler(cfg: CommonConfig, model_dir: str | Path, tokenizer: Any, model
                     tensor_parallel_size=cfg.vllm_tensor_parallel_size, kv_cache_gb=cfg.vllm_kv_cache_gb,
                     enforce_eager=cfg.vllm_enforce_eager, trust_remote_code=cfg.trust_remote_code,
                     sleep_mode=cfg.vllm_sleep_mode, max_num_seqs=cfg.generation_batch_size,
-                    seed=cfg.seed + (launch or layout(cfg)).engine_index)
+                    seed=cfg.seed + launch.engine_index)
     key = (str(base.resolve()), tuple(sorted(settings.items())))
     sampler = _ENGINES.get(key)
     if sampler is None:
         shutdown_engines()
-        sampler = _ENGINES[key] = VLLMSampler(base, tokenizer, _eos(base, tokenizer),
+        sampler = _ENGINES[key] = VLLMSampler(base, tokenizer, engine_eos(base, tokenizer),
                                               gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or gpu_share,
-                                              launch=launch or layout(cfg), **settings)
+                                              launch=launch, **settings)
     elif sampler.weights_replaced:
         sampler.load_weights_from(base)
     sampler.tokenizer = tokenizer
     if adapter.is_file():
         sampler.load_weights(model)
     return sampler
-
-
-def sampler_class(cfg: CommonConfig) -> type[Sampler]:
-    """The class of the engine ``cfg.engine`` names, which the commands ask what it needs (see :class:`Sampler`)
-    before one is built."""
-    return HFSampler if cfg.engine == "hf" else VLLMSampler
-
-
-def layout(cfg: CommonConfig) -> Launch:
-    """This process's launch, its engines as large as ``cfg``'s engine runs them (and the layout checked)."""
-    return Launch.current(sampler_class(cfg).processes_per_engine(cfg))
 
 
 def shutdown_engines() -> None:
@@ -117,7 +103,7 @@ def shutdown_engines() -> None:
         torch.cuda.empty_cache()
 
 
-def _eos(model_dir: Path, tokenizer: Any) -> list[int]:
+def engine_eos(model_dir: Path, tokenizer: Any) -> list[int]:
     """:func:`astarpo.models.eos_ids` without loading the weights: the generation config's EOS ids, then the
     tokenizer's."""
     from transformers import AutoConfig, GenerationConfig
@@ -434,7 +420,7 @@ class VLLMSampler:
                        truncated=truncated, sampler_logp=logps)
 
     @torch.no_grad()
-    def load_weights(self, model: Any) -> None:
+    def load_weights(self, model: Any, version: int | None = None) -> None:
         """Copy the weights of ``model`` into the engine, in place (vLLM repacks them for its kernels), and drop
         the prefix cache, whose keys and values the old weights computed.
 
@@ -443,7 +429,7 @@ class VLLMSampler:
         worker's ``reload_weights`` with a weights iterator works on both builds. (Its ``weights_path`` form
         loads something else: not used.)
         """
-        self._reload(policy_weights(model, self.torch_dtype))
+        self.load_tensors(policy_weights(model, self.torch_dtype))
         self.weights_replaced = True
 
     def load_weights_from(self, model_dir: str | Path) -> None:
@@ -454,10 +440,10 @@ class VLLMSampler:
         both. (vLLM's own ``reload_weights(weights_path=...)`` loads something else: not used.)
         """
         model = load_model(model_dir, self.dtype, self.trust_remote_code)
-        self._reload(policy_weights(model, self.torch_dtype))
+        self.load_tensors(policy_weights(model, self.torch_dtype))
         self.weights_replaced = False
 
-    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    def load_tensors(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Push ``weights`` (in the engine's dtype) into the engine. A failure (a name the engine does not know, out
         of memory) is raised as an :class:`EnginePushError` naming this process and the tensor: the other processes
         wait for this one in the push's or the step's collectives, and the command ends this process at once with

@@ -23,12 +23,13 @@ from . import rewards
 from .benchmarks import get_benchmark, load_benchmark, reported
 from .config import ConfigError, EvalConfig
 from .data import encode_prompts, load_prompts
-from .engines import ALONE_GPU_SHARE, layout, make_sampler, sampler_class
+from .engines import ALONE_GPU_SHARE
 from .generation import HFSampler, Rollout, Sampler, SamplingParams, collect
 from .launch import Launch
 from .logprobs import sequence_logprobs
 from .models import content_hash, eos_ids, load_model, load_tokenizer, resolve_model
 from .rundir import diff_settings, write_json_atomic, write_text_atomic
+from .samplers import layout, make_sampler, sampler_class
 from .training.checkpoint import read_run_file
 
 log = logging.getLogger(__name__)

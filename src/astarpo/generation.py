@@ -37,6 +37,7 @@ class Rollout:
     rewards: list[float] = field(default_factory=list)  # set by collect(); NaN where on_reward_error skipped
     # per-token log-probs of the response tokens as the engine computed them (vLLM); empty when it gives none
     sampler_logp: list[list[float]] = field(default_factory=list)
+    policy_version: int | None = None  # the policy version that drew them, where the engine counts them (a server)
 
     def __len__(self) -> int:
         return len(self.prompt_index)
@@ -45,7 +46,7 @@ class Rollout:
         return Rollout([self.prompt_index[i] for i in rows], [self.prompt_tokens[i] for i in rows],
                        [self.response_tokens[i] for i in rows], [self.completions[i] for i in rows],
                        [self.truncated[i] for i in rows], [self.rewards[i] for i in rows] if self.rewards else [],
-                       [self.sampler_logp[i] for i in rows] if self.sampler_logp else [])
+                       [self.sampler_logp[i] for i in rows] if self.sampler_logp else [], self.policy_version)
 
     @property
     def lengths(self) -> list[int]:
@@ -102,8 +103,9 @@ class Sampler(Protocol):
         """``n`` responses per prompt, ``n`` consecutive rows per prompt, in prompt order."""
         ...
 
-    def load_weights(self, model: Any) -> None:
-        """Take the weights of ``model`` (the policy being trained): engines that ``owns_weights``."""
+    def load_weights(self, model: Any, version: int | None = None) -> None:
+        """Take the weights of ``model`` (the policy being trained, ``version`` updates old): engines that
+        ``owns_weights``."""
         ...
 
     def sleep(self) -> None:

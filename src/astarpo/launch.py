@@ -139,6 +139,14 @@ class Launch:
             return items
         return [x for part in gather_object([items] if self.speaks else []) for x in part]
 
+    def broadcast(self, item: Any) -> Any:
+        """The main process's ``item``, on every process."""
+        if self.processes == 1:
+            return item
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([item])[0]
+
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is on one of them."""
         return any(self.gather(flag))
@@ -215,19 +223,21 @@ def _exit() -> None:
     os._exit(0)
 
 
-def end_failed_process() -> None:
-    """Under a multi-process launch, end this process at once after an unexpected failure, with its whole
-    traceback on stderr (called inside the ``except`` block). The other processes may be waiting for this one in
-    a collective (the weight push's gathers, a step's all-gather): the launcher stops them as soon as this one
-    exits, whereas a normal exit could itself wait on the process group's threads (see :func:`_exit`) and leave
-    them to NCCL's timeout. In a single process it returns, and the exception goes on."""
+def end_failed_process(code: int = 1, traceback: bool = True) -> None:
+    """Under a multi-process launch, end this process at once after a failure (called inside the ``except``
+    block), with the whole traceback on stderr unless the caller printed a message of its own. The other processes
+    may be waiting for this one in a collective (the weight push's gathers, a step's all-gather, a broadcast of the
+    server's samples): the launcher stops them as soon as this one exits, whereas a normal exit could itself wait
+    on the process group's threads (see :func:`_exit`) and leave them to the collective's timeout. In a single
+    process it returns, and the caller goes on."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    import traceback
+    if traceback:
+        import traceback as tb
 
-    traceback.print_exc()
-    print(f"astarpo: process {os.environ.get('RANK', '?')} failed (above); ending it so that the launch stops",
-          file=sys.stderr)
+        tb.print_exc()
+        print(f"astarpo: process {os.environ.get('RANK', '?')} failed (above); ending it so that the launch stops",
+              file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(1)
+    os._exit(code)

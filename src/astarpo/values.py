@@ -42,11 +42,11 @@ from ._version import __version__
 from .config import CommonConfig, TrainConfig, ValuesConfig
 from .data import load_prompts
 from .distributed import whole_weights_on_every_process
-from .engines import layout, make_sampler, sampler_class
 from .generation import Sampler, SamplingParams, collect, sampling_settings
 from .launch import Launch, blocks
 from .models import content_hash, load_model, load_tokenizer, resolve_model, tokenizer_hash
 from .rundir import atomic_path, check_writable, diff_settings
+from .samplers import layout, make_sampler, sampler_class
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -194,6 +194,8 @@ def _provenance(cfg: ValuesConfig, model_dir: Path, reward_name: str) -> dict[st
         "shard_size": cfg.shard_size, "engine": cfg.engine,
         "dtype": sampler_class(cfg).weights_dtype(cfg),
     }
+    if cfg.vllm_mode == "server":  # another random stream than colocated engines' (only then: older files match)
+        provenance["vllm_mode"] = "server"
     if cfg.adaptive:  # only then, so that files from fixed-N runs keep matching their settings
         provenance.update(n=None, adaptive=True, round_size=cfg.round_size, n_max=cfg.n_max, beta1=cfg.beta1,
                           confidence=cfg.confidence, tolerance=cfg.tolerance, unsolved_p=cfg.unsolved_p)

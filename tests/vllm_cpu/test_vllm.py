@@ -28,7 +28,7 @@ pytest.importorskip("vllm")
 
 from conftest import InterruptibleReward, build_tiny_model  # noqa: E402
 
-from astarpo import TrainConfig, Trainer, ValuesConfig, compute_values, engines  # noqa: E402
+from astarpo import TrainConfig, Trainer, ValuesConfig, compute_values, engines, samplers  # noqa: E402
 from astarpo.bench import bench  # noqa: E402
 from astarpo.config import BenchConfig, ConfigError, EvalConfig  # noqa: E402
 from astarpo.data import load_prompts  # noqa: E402
@@ -125,7 +125,7 @@ def test_stage1_vllm_samples_the_same_distribution_as_hf(vllm_model, tmp_path):
     params = SamplingParams(1.0, 1.0, 1)
     torch.manual_seed(0)
     first_hf = HFSampler(model, tok, eos_ids(model, tok)).generate(prompt_ids, 16, params)
-    first_vl = engines.make_sampler(cfg, vllm_model, tok).generate(prompt_ids, 16, params)
+    first_vl = samplers.make_sampler(cfg, vllm_model, tok).generate(prompt_ids, 16, params)
     p = chi2_homogeneity_p([r[0] for r in first_hf.response_tokens], [r[0] for r in first_vl.response_tokens])
     assert p > ALPHA
     assert _engines_of(vllm_model) == 1
@@ -135,7 +135,7 @@ def test_vllm_rollout_follows_the_generation_conventions(vllm_model):
     cfg = _values_cfg(vllm_model, "unused", "vllm")
     tok = load_tokenizer(vllm_model)
     _, prompt_ids = load_prompts(tok, cfg)
-    sampler = engines.make_sampler(cfg, vllm_model, tok)
+    sampler = samplers.make_sampler(cfg, vllm_model, tok)
     torch.manual_seed(3)
     roll = sampler.generate(prompt_ids[:8], 4, SamplingParams(1.0, 1.0, 12))
     assert roll.prompt_index == [i for i in range(8) for _ in range(4)]
@@ -248,7 +248,7 @@ def test_the_engine_runs_our_batch_in_its_share(vllm_model):
     """vLLM is told how many sequences we run at once (its start-up profiling and log-prob buffers grow with it),
     and a KV cache size does not drop the share of the GPU it may take."""
     cfg = ValuesConfig(**{**ENGINE, "model": str(vllm_model), "generation_batch_size": 48})
-    sampler = engines.make_sampler(cfg, vllm_model, load_tokenizer(vllm_model))
+    sampler = samplers.make_sampler(cfg, vllm_model, load_tokenizer(vllm_model))
     vllm_config = sampler.llm.llm_engine.vllm_config
     assert vllm_config.scheduler_config.max_num_seqs == 48
     assert vllm_config.cache_config.gpu_memory_utilization == engines.ALONE_GPU_SHARE

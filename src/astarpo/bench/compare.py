@@ -38,11 +38,12 @@ from .. import rewards
 from .._version import __version__
 from ..config import QUICKSTART, SECTIONS, BenchConfig, TrainConfig, ValuesConfig, build, load_yaml
 from ..data import encode_prompts, load_records
-from ..engines import COLOCATED_GPU_SHARE, make_sampler, sampler_class
+from ..engines import COLOCATED_GPU_SHARE
 from ..evaluate import evaluate, kl_to_ref
 from ..generation import HFSampler, SamplingParams
 from ..models import eos_ids, load_model, load_tokenizer, resolve_model
 from ..rundir import check_same_settings, write_json_atomic
+from ..samplers import make_sampler, sampler_class
 from ..training.objectives import OBJECTIVES
 from ..values import read_values
 

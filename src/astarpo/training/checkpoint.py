@@ -1,6 +1,7 @@
 """Where a Stage 2 run keeps its state, and how a killed run resumes: one home for checkpoints and the final model.
 
 An output directory holds ``train_config.json`` (the settings, compared on every resume), ``metrics.jsonl``,
+``ledger.jsonl`` (each step's prompts and the policy version that sampled them),
 ``checkpoints/step-NNNNNN`` and, once the run ends, ``final/``. A checkpoint is accelerate's state (optimizer, RNG
 streams of every process, under FSDP2 and DeepSpeed their sharded formats: what a resume loads) plus the policy
 as a Hugging Face directory (PPO's critic beside it) and the run file, so ``astarpo eval`` reads any checkpoint.
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.json"
 RUN_FILE = "astarpo_run.json"  # in every checkpoint and final model: which reference model it was trained against
+LEDGER_FILE = "ledger.jsonl"  # per step: the prompts trained on and the policy version that sampled them
 CRITIC_FILE = "critic.safetensors"  # PPO's value model, beside the policy in every checkpoint
 
 
@@ -109,6 +111,7 @@ class RunState:
             log.info("resumed from %s (step %d)", path, step)
         if self.acc.is_main_process:  # from step 0 everything runs again, the step-0 evaluation included
             truncate_jsonl(self.out / "metrics.jsonl", step)
+            truncate_jsonl(self.out / LEDGER_FILE, step)
         return step
 
     def start_log(self) -> None:
@@ -123,6 +126,14 @@ class RunState:
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.acc.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+
+    def record(self, step: int, prompts: list[str], policy_version: int) -> None:
+        """One line of the ledger (rank 0): which prompts step ``step`` trained on, drawn by which policy version
+        (updates applied before they were sampled), so that a resumed run shows that none was trained twice or
+        skipped."""
+        if self.acc.is_main_process:
+            with (self.out / LEDGER_FILE).open("a") as f:
+                f.write(json.dumps({"step": step, "policy_version": policy_version, "prompts": prompts}) + "\n")
 
     def end_log(self) -> None:
         for tracker in self.acc.trackers:

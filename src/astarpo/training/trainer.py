@@ -8,16 +8,13 @@ AdamW updates on
 with V* from Stage 1. No critic, no clipping, no group of samples. The baselines (GRPO, RLOO, REBEL, PPO) run
 in the same loop: the objective (``objectives.py``) says how many responses per prompt it samples and which
 per-step inputs it reads, and turns them into one loss per prompt. A step is :meth:`Trainer.train_step`: sample
-and score, compute the objective's inputs, update. The rest lives beside it: the models in ``assembly.py``, what
-differs between DDP, FSDP2 and DeepSpeed in ``distributed.py``, checkpoints and resume in ``checkpoint.py``.
+and score, compute the objective's inputs, update, push the weights to the engine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +24,14 @@ from accelerate.utils import set_seed
 from .. import rewards
 from ..config import TrainConfig
 from ..data import load_prompts, step_prompts
-from ..distributed import check_supported, make_accelerator, ready_for_generation
-from ..engines import COLOCATED_GPU_SHARE, layout, make_sampler
+from ..distributed import check_supported, make_accelerator, ready_to_sample
+from ..engines import COLOCATED_GPU_SHARE
 from ..evaluate import evaluate
 from ..generation import Rollout, SamplingParams, collect
 from ..logprobs import collate, response_logprobs, response_logprobs_entropy, token_logprobs
 from ..models import content_hash, load_tokenizer, resolve_model
 from ..rundir import check_writable
+from ..samplers import layout, make_sampler
 from ..utils import peak_memory_mb
 from ..values import training_values
 from .assembly import build_training_models, reference_logprobs
@@ -72,14 +70,11 @@ class Trainer:
             self.records, self.prompt_ids = [self.records[i] for i in keep], [self.prompt_ids[i] for i in keep]
         self.steps = cfg.steps or math.ceil(len(self.records) / cfg.batch_size)
         world, self.mini_batch_size = launch.processes, cfg.mini_batch_size or cfg.batch_size
-        if cfg.batch_size % world or self.mini_batch_size % world:  # every process takes an equal share of every
-            # mini-batch (under FSDP2 and ZeRO-3 each forward pass is a collective that all processes must join)
+        if cfg.batch_size % world or self.mini_batch_size % world:  # each process: a share of every mini-batch
             raise TrainError(f"batch_size {cfg.batch_size} and mini_batch_size {self.mini_batch_size} must be "
                              f"multiples of the number of processes ({world})")
-        self.eval_records, self.eval_prompt_ids = [], []
-        if cfg.eval_data:
-            self.eval_records, self.eval_prompt_ids = load_prompts(self.tokenizer, cfg, cfg.eval_data,
-                                                                   cfg.eval_split, cfg.eval_limit)
+        self.eval_records, self.eval_prompt_ids = (load_prompts(self.tokenizer, cfg, cfg.eval_data, cfg.eval_split,
+                                                                cfg.eval_limit) if cfg.eval_data else ([], []))
         self.models = m = build_training_models(cfg, acc, self.model_dir, self.objective, self.tokenizer)
         self.policy, self.ref, self.critic, self.eos = m.policy, m.ref, m.critic, m.eos
         self.sampler = make_sampler(cfg, self.model_dir, self.tokenizer, acc.unwrap_model(self.policy),
@@ -90,18 +85,20 @@ class Trainer:
             "reward": self.reward_name, "algo": cfg.algo, "beta1": cfg.beta1, "beta2": cfg.beta2})
         self.state.record_config()
 
-    # ----- one step ---------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         """One step. Under ``accelerate launch`` each process takes its rows of the global batch, its engine samples
         those of all the processes that run it (:class:`~astarpo.launch.Launch`)."""
         acc, launch, G = self.accelerator, self.launch, self.objective.group_size
         t0 = time.perf_counter()
-        batch = step_prompts(len(self.records), self.cfg.batch_size, step, self.cfg.seed)
-        mine, ours = launch.process_rows(len(batch)), launch.engine_rows(len(batch))
-        with self._ready_to_sample():
+        batch, mine, ours = self._rows(step)
+        with ready_to_sample(acc, self.policy, self.sampler, self.cfg.gather_for_generation):
             roll = collect(self.sampler, [self.records[batch[g]] for g in ours],
                            [self.prompt_ids[batch[g]] for g in ours], G, self.params, self.reward_fn,
                            self.cfg.on_reward_error, keep=[ours.index(g) for g in mine])
+        version = step if roll.policy_version is None else roll.policy_version  # updates before the sampling
+        if step - version > self.cfg.async_lag:
+            raise TrainError(f"step {step + 1}'s samples are {step - version} versions old, past async_lag")
+        self.state.record(step + 1, [self.records[i]["id"] for i in batch], version)
         if self.sampler.can_sleep:  # a vLLM engine on a GPU frees its memory for the update
             self.sampler.sleep()
         gen_seconds = time.perf_counter() - t0
@@ -112,7 +109,8 @@ class Trainer:
         data = self.inputs(roll, reward.nan_to_num(0.0), [batch[g] for g in mine])
         stats = self.update(roll, data, valid, minis)
         if self.sampler.owns_weights:
-            self.sampler.load_weights(acc.unwrap_model(self.policy))
+            self.sampler.load_weights(acc.unwrap_model(self.policy), version=step + 1)
+            self._sample_ahead(step + 1 + self.cfg.async_lag)
         columns = sample_columns(roll, data)
         per_sample = launch.all_rows(torch.stack(list(columns.values()), 1)[valid.repeat_interleave(G)])
         losses = launch.all_rows(stats.losses[valid])
@@ -121,7 +119,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         return {**step_metrics(dict(zip(columns, per_sample.T)), losses), **entropy, "grad_norm": stats.grad_norm,
                 "skipped_samples": (len(batch) - len(losses)) * G, "samples": len(batch) * G,
-                "generation_seconds": round(gen_seconds, 3), "step_seconds": round(seconds, 3),
+                "policy_lag": step - version, "generation_seconds": round(gen_seconds, 3),
+                "step_seconds": round(seconds, 3),
                 "tokens_per_second": tokens / seconds, "peak_memory_mb": round(peak_memory_mb(), 1),
                 "learning_rate": self.models.optimizer.param_groups[0]["lr"]}
 
@@ -199,27 +198,27 @@ class Trainer:
             grad_norms.append(learner.step())
         return UpdateStats(losses, sum(grad_norms) / len(grad_norms), entropies)
 
-    @contextlib.contextmanager
-    def _ready_to_sample(self) -> Iterator[None]:
-        """A sampler that uses the policy itself runs under its autocast, with FSDP2's and ZeRO-3's weights
-        gathered; an engine with weights of its own needs nothing from the policy and runs as it is."""
-        if not self.sampler.uses_policy:
-            yield
-            return
-        acc = self.accelerator
-        with acc.autocast(), ready_for_generation(acc, self.policy, self.cfg.gather_for_generation):
-            yield
+    def _rows(self, step: int) -> tuple[list[int], list[int], list[int]]:
+        """Step ``step``'s prompts, and this process's and its engine's positions among them."""
+        batch = step_prompts(len(self.records), self.cfg.batch_size, step, self.cfg.seed)
+        return batch, self.launch.process_rows(len(batch)), self.launch.engine_rows(len(batch))
+
+    def _sample_ahead(self, step: int) -> None:
+        """With ``async_lag`` K, once policy version v is the server's, it may draw step v + K's samples: they are
+        asked for now, and trained on K updates later at most."""
+        if self.cfg.async_lag and step < self.steps:
+            batch, _, ours = self._rows(step)
+            self.sampler.prefetch([self.prompt_ids[batch[g]] for g in ours], self.objective.group_size, self.params)
 
     def evaluate(self) -> dict[str, Any]:
         """Greedy accuracy on the held-out prompts (``eval_data``)."""
         acc = self.accelerator
-        with self._ready_to_sample():
+        with ready_to_sample(acc, self.policy, self.sampler, self.cfg.gather_for_generation):
             return evaluate(acc.unwrap_model(self.policy), self.tokenizer, self.eval_records, self.eval_prompt_ids,
                             self.reward_fn, max_new_tokens=self.cfg.max_new_tokens,
                             batch_size=self.cfg.generation_batch_size, on_reward_error=self.cfg.on_reward_error,
                             sampler=self.sampler)
 
-    # ----- the loop -------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Run (or resume) Stage 2; returns the last step's metrics. The final model lands in ``output_dir/final``."""
         from tqdm.auto import tqdm
@@ -227,7 +226,9 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         start = self.state.resume()
         if start and self.sampler.owns_weights:  # the engine's copy is still the reference's
-            self.sampler.load_weights(acc.unwrap_model(self.policy))
+            self.sampler.load_weights(acc.unwrap_model(self.policy), version=start)
+        for ahead in range(start + 1, start + 1 + cfg.async_lag):  # drawn by version start, as step start's
+            self._sample_ahead(ahead)
         self.state.start_log()
         if start == 0 and self.eval_records:
             self.state.log({"step": 0, "eval_accuracy": self.evaluate()["accuracy"]})
