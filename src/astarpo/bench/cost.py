@@ -43,6 +43,32 @@ Ethernet instead of NVLink) it would be slower still. Counted are its bytes only
 sharded weights before sending, the per-tensor latency of a push that goes tensor by tensor, nor the engine's own
 loading of the weights. The number of steps is the synchronous run's: what training on samples up to K versions old
 does to learning (the steps needed to reach an accuracy) is not modelled.
+
+The paper's set-up (:func:`paper_hours`, ``--setup paper``; the default, ``--setup astarpo``, is everything above)
+counts the work as the paper's official code runs it (github.com/ZhaolinGao/A-PO: verl with a vLLM 0.6.3 hybrid
+engine; each constant's file and setting is in a comment beside it) instead of as astarpo runs it:
+
+    hours = Stage 1 + steps x (sampling + training passes + weight sync + KV cache) + validations + checkpoints
+
+- Every method recomputes the old policy's log-probs of every sample and runs the reference forward of every sample
+  (verl's hybrid engine always does both); PPO adds its critic (a values forward, then its update); no gradient
+  checkpointing. GRPO's and REBEL's samples per prompt are not in the official code (no baseline script exists):
+  astarpo's defaults, 8 and 2, are kept and said to be assumptions.
+- Sampling runs on one engine over all the GPUs (tensor parallel), all of a step's sequences at once up to
+  max_num_seqs 1024, in eager mode. A decode step takes its bandwidth and compute time (a tensor-parallel share of
+  the weights, this GPU's key/value heads of every sequence's cache) or the engine's latency floor, whichever is
+  longer: the floor is the step's kernel launches (counted from vLLM 0.6.3's Qwen2 code path) times the host time of
+  one eager launch (:data:`LAUNCH_SECONDS`, an assumption: no documented per-token latency of such an engine was
+  found). Training runs in micro-batches of n sequences per GPU (1 x rollout.n), each taking its FLOPs at the
+  training rate or its own launches (HF Qwen2 under FSDP, counted by hand), whichever is longer.
+- Per step: the weight sync into the engine (float32 shards gathered over NVLink) and the KV cache rebuilt
+  (free_cache_engine). Over the run: a greedy validation of the 5,000 MATH test problems before training, every 50
+  steps and at the end, and a float32 checkpoint every 50 steps.
+
+Every constant of this set-up was fixed, with its source, before the model's hours were put beside the paper's
+table, and none was changed after: nothing is fitted to the paper. :func:`paper_comparison` puts A*-PO's ratio to
+each baseline beside the paper's at 1.5B, 3B and 7B; where they differ by more than 0.15 the README says which term
+is missing and why.
 """
 
 from __future__ import annotations
@@ -56,15 +82,17 @@ from typing import Any
 from ..config import ConfigError
 from ..rundir import write_json_atomic
 from ..training.objectives import OBJECTIVES
-from .plan import SMOLLM2_135M, Shape, shape_of
+from .plan import SHAPES, SMOLLM2_135M, Shape, shape_of
 
 METHODS = tuple(OBJECTIVES)  # astarpo, grpo, rloo, rebel, ppo
 PASSES = ("policy", "reference", "old_policy", "critic")
 
-# The paper's training hours (arXiv 2505.20686, MATH, Qwen2.5-1.5B, 4 x H100), as issue #22 quotes them. The
-# 3B and 7B rows were not found in a text we could read (the paper's own text is not in our search corpora and
-# the authors' README, github.com/ZhaolinGao/A-PO, has no timing table).
-PAPER_HOURS = {"qwen2.5-1.5b": {"astarpo": 6.92, "grpo": 15.01, "ppo": 10.84, "rebel": 10.33}}
+# The paper's training hours (arXiv 2505.20686, MATH, 4 x H100): the 1.5B row as issue #22 quotes it, the 3B and
+# 7B rows as issue #30 quotes the paper's table (the paper's own text is not in our search corpora, and the authors'
+# README, github.com/ZhaolinGao/A-PO, has no timing table).
+PAPER_HOURS = {"qwen2.5-1.5b": {"astarpo": 6.92, "grpo": 15.01, "ppo": 10.84, "rebel": 10.33},
+               "qwen2.5-3b": {"astarpo": 8.78, "grpo": 18.26, "ppo": 13.59, "rebel": 12.88},
+               "qwen2.5-7b": {"astarpo": 11.01, "grpo": 20.15, "ppo": 20.53, "rebel": 14.67}}
 
 
 @dataclass(frozen=True)
@@ -289,8 +317,11 @@ def best_split(s: Shape, d: Device, r: Recipe, lag: int = 1) -> dict[str, Any]:
     return {"hours_by_server_gpus": by, "server_gpus": min(by, key=by.get) if by else None}
 
 
-def assumptions(s: Shape, d: Device, r: Recipe) -> dict[str, Any]:
-    """Every number the hours rest on, with where it comes from."""
+def assumptions(s: Shape, d: Device, r: Recipe, setup: str = "astarpo") -> dict[str, Any]:
+    """Every number the hours rest on, with where it comes from; with ``setup="paper"`` also the paper set-up's
+    constants and their sources (:func:`paper_assumptions`)."""
+    if setup == "paper":
+        return {**assumptions(s, d, r), "paper_setup": paper_assumptions(s, d, r)}
     return {"device": d.name, "dense_flops_per_s": d.dense_flops, "decode_flops_per_s": d.decode_flops,
             "decode_bandwidth_bytes_per_s": d.bandwidth, "sources": d.sources,
             "params": s.params(), "matmul_params": matmul_params(s),
@@ -330,6 +361,16 @@ def run(a: argparse.Namespace) -> str:
                     group_sizes=_pairs(a.group_size, int, "--group-size"),
                     kl_coefs=_pairs(a.kl_coef, float, "--kl-coef"))
     s = shape_of(a.model)
+    if a.setup == "paper":
+        if a.device == "cpu" or a.server_gpus or a.async_lag is not None:
+            raise ConfigError("--setup paper costs the official code's colocated run on GPUs: not with --device cpu, "
+                              "--server-gpus or --async-lag")
+        rows = paper_hours(s, device, recipe)  # checks the methods and group sizes before anything is written
+        if a.json:
+            write_json_atomic(Path(a.json), {"setup": "paper", "methods": rows,
+                                             "comparison": paper_comparison(device, recipe),
+                                             "assumptions": assumptions(s, device, recipe, "paper")})
+        return paper_table(a.model, s, device, recipe)
     server_gpus = a.server_gpus
     lag = (1 if server_gpus else 0) if a.async_lag is None else a.async_lag
     split = split_hours(s, device, recipe, server_gpus, lag)  # checks both before anything is written
@@ -378,6 +419,306 @@ def table(model: str, s: Shape, d: Device, r: Recipe, server_gpus: int = 0, lag:
             + ", ".join(f"S={S} {h:.2f}" for S, h in best["hours_by_server_gpus"].items())
             + f" (fewest: S={best['server_gpus']}).\n")
     return head + "\n".join(lines) + "\n" + note
+
+
+# ----- the paper's set-up, as the official code runs it (`astarpo plan --time --setup paper`) ------------------
+# Read in github.com/ZhaolinGao/A-PO at c8823a3 (scripts/apo_math.sh, verl/trainer/config/apo_trainer.yaml and
+# ppo_trainer.yaml, verl/trainer/apo/ray_trainer.py and ppo/ray_trainer.py, verl/trainer/main_apo.py and
+# main_ppo.py, verl/workers/fsdp_workers_apo.py, verl/workers/actor/dp_actor_apo.py,
+# verl/workers/rollout/vllm_rollout/vllm_rollout.py, verl/workers/sharding_manager/fsdp_vllm.py,
+# verl/third_party/vllm/vllm_v_0_6_3/). Every constant below was fixed, with its source, before the model's hours
+# were put beside the paper's table; none was changed after (README, "Training time per method, on paper").
+PAPER_METHODS = ("astarpo", "grpo", "ppo", "rebel")  # the paper's table; RLOO is not in it
+# Samples per prompt (verl's actor_rollout_ref.rollout.n). A*-PO and PPO: 1 (apo_trainer.yaml / ppo_trainer.yaml
+# default n: 1). The repository holds no GRPO, PPO or REBEL script (only scripts/apo_math.sh and apo_gsm8k.sh), and
+# the paper's text was not readable here, so GRPO's and REBEL's group sizes are NOT from the official code: they are
+# astarpo's own defaults (GRPO 8, as TRL's num_generations; REBEL 2, a pair), an assumption; --group-size changes it.
+PAPER_GROUP_SIZES = {"astarpo": 1, "grpo": 8, "ppo": 1, "rebel": 2}
+GROUP_SIZE_SOURCES = {True: "rollout.n default 1, apo_trainer.yaml and ppo_trainer.yaml",
+                      False: "assumption: astarpo's default; not in the official code nor a readable paper text"}
+# vLLM rollout (apo_trainer.yaml, apo_math.sh): one engine over all GPUs (tensor_model_parallel_size=4 with
+# GPUS_PER_NODE=4: the engine's TP is taken as the recipe's GPU count), eager (enforce_eager: True: no CUDA graphs),
+# free_cache_engine: True (the KV cache is built before and freed after every generate call, vllm_rollout.py),
+# gpu_memory_utilization 0.4 (of the memory free when the engine starts: third_party/vllm_v_0_6_3/worker.py), at most
+# max_num_seqs 1024 sequences at once and max_num_batched_tokens 8192 tokens per prefill step. The KV cache holds
+# 1024 sequences of 256 + 1024 tokens at all three sizes (about 19-24 GB per GPU against about 26-31 GB), so
+# max_num_seqs, not the cache, bounds a wave.
+ENGINE_MAX_NUM_SEQS = 1024
+ENGINE_MAX_BATCHED_TOKENS = 8192
+ENGINE_GPU_MEMORY_UTILIZATION = 0.4
+# Micro-batches (apo_math.sh: MICRO_BATCH_SIZE_PER_DEVICE=1, ppo_micro_batch_size and both log_prob_micro_batch_size
+# = 4 over 4 GPUs; fsdp_workers_apo.py multiplies each by rollout.n): the actor's training, old log-prob and
+# reference forwards run n sequences per GPU at a time, padded to prompt + response caps (use_remove_padding: False,
+# responses padded to response_length in vllm_rollout.py), so training tokens are the caps exactly. The critic's
+# micro-batch is ppo_trainer.yaml's critic.ppo_micro_batch_size 64 over the GPUs (not multiplied by n); the script
+# does not set it (no PPO script exists; assumed run with the A*-PO script's settings).
+ACTOR_MICRO_BATCH_PER_GPU = 1
+CRITIC_MICRO_BATCH = 64
+# Validation and checkpoints (apo_math.sh: +trainer.val_before_train=True, test_freq=50, save_freq=50; ray_trainer.py
+# also validates once at the end): greedy answers to the whole validation file (the dataloader's batch is
+# len(val_dataset)), ~/data/math/test.parquet from preprocess/data_preprocess/math_dataset.py: the MATH test split,
+# 5,000 problems (Hendrycks et al. 2021). A checkpoint is the FSDP actor's full float32 state dict (the actor is
+# built in float32, fsdp_workers_apo.py), gathered to rank 0's CPU and written by save_pretrained; PPO also writes
+# its critic. No upload (default_hdfs_dir and default_hub_dir are null).
+VALIDATION_PROMPTS = 5000
+TEST_FREQ = SAVE_FREQ = 50
+# assumption: sequential write speed of the checkpoint's local disk (datacenter NVMe SSDs are specified at 3-4 GB/s
+# sequential write, e.g. Samsung PM9A3, Intel D7-P5510 datasheets; a single-threaded safetensors write of a CPU
+# state dict is taken at about half that). Not measured.
+CHECKPOINT_WRITE_BYTES_PER_S = 2e9
+# NVIDIA's datasheets (SXM parts): HBM capacity, for the KV cache the engine builds before every generate call.
+HBM_BYTES = {"h100": 80e9, "h200": 141e9}
+# The latency floor. No documented per-token latency of a tensor-parallel-4 eager vLLM 0.6.3 engine was found, so it
+# is an ASSUMPTION built from two stated numbers: the kernels a step launches, counted by hand from the code, times
+# the host time to launch one kernel from eager PyTorch. A step cannot take less than its launches, since in eager
+# mode the CPU issues every kernel of every step (CUDA graphs, which replay a step in one launch, are off).
+# Host time per launch: 10 us. Sources: NVIDIA's CUDA Graphs guide (docs.nvidia.com/dl-cuda-graph) and programming
+# guide 4.2 (a per-kernel launch overhead paid in a stream, removed by graphs), Modal's GPU glossary ("each launch
+# takes on the order of microseconds"), and a published breakdown of eager PyTorch's per-op host path (Python,
+# pybind11, autograd, dispatcher, driver: ~5-25 us before the kernel; jiahuanglin.xyz, "From PyTorch op to kernel
+# launch"); vLLM's v0.6.0 performance post (blog.vllm.ai, 2024-09-05) measured 62% of Llama-3-8B's time on one H100
+# outside the GPU (HTTP server, scheduling), i.e. host work, not bandwidth, bounds small-model decoding.
+LAUNCH_SECONDS = 10e-6
+# Kernels per decode step of vLLM 0.6.3's Qwen2 under tensor parallelism with the XFORMERS backend (apo_math.sh sets
+# VLLM_ATTENTION_BACKEND=XFORMERS), counted by hand: per layer fused_add_rms_norm, qkv GEMM (bias fused), rotary,
+# reshape_and_cache, paged attention (v2: 2), o_proj GEMM, all-reduce, fused_add_rms_norm, gate_up GEMM,
+# silu_and_mul, down GEMM, all-reduce = 13; per step about 30 (vocabulary-parallel embedding with its masking and
+# all-reduce, final norm, LM head and its gather, the sampler at temperature 1 with logprobs=1 as vllm_rollout.py
+# asks, the host-to-device copies of the step's inputs).
+DECODE_LAUNCHES_PER_LAYER, DECODE_LAUNCHES_PER_STEP = 13, 30
+# Kernels per training micro-batch of HF transformers' Qwen2 (< 4.48, requirements.txt) in eager mode with flash
+# attention 2 under FSDP (FULL_SHARD per decoder layer, bf16 mixed precision), counted by hand: per layer forward
+# two RMSNorms of 7 kernels each (casts, pow, mean, add, rsqrt, muls), q/k/v projections (3), rotary on q and k (10),
+# flash attention with its layout copies (4), o_proj, the MLP (gate, up, silu, mul, down: 5), two residual adds and
+# FSDP's all-gather and cast (3) = 42; a backward launches about twice its forward's kernels (each op's gradient,
+# FSDP's re-gather and reduce-scatter); per pass about 30 (embedding, rotary tables, final norm, LM head,
+# temperature, log-softmax and gather, dp_actor_apo.py's entropy, the loss).
+TRAIN_LAUNCHES_PER_LAYER, TRAIN_BACKWARD_FACTOR, TRAIN_LAUNCHES_PER_PASS = 42, 2, 30
+
+
+def decode_floor_seconds(s: Shape) -> float:
+    """The least time one decode step of the eager engine takes: its kernel launches, one after the other."""
+    return LAUNCH_SECONDS * (s.layers * DECODE_LAUNCHES_PER_LAYER + DECODE_LAUNCHES_PER_STEP)
+
+
+def train_floor_seconds(s: Shape, backward: bool) -> float:
+    """The least time one eager training micro-batch takes on the host: a forward's launches, or a forward and its
+    backward's."""
+    per_layer = TRAIN_LAUNCHES_PER_LAYER * (1 + (TRAIN_BACKWARD_FACTOR if backward else 0))
+    return LAUNCH_SECONDS * (s.layers * per_layer + TRAIN_LAUNCHES_PER_PASS * (2 if backward else 1))
+
+
+def engine_generate_seconds(s: Shape, d: Device, sequences: int, prompts: int, r: Recipe) -> dict[str, float]:
+    """Seconds for the one tensor-parallel engine over all ``r.gpus`` GPUs to answer ``prompts`` prompts with
+    ``sequences`` responses (prompts prefilled once, as vLLM does for n samples of a prompt): prefill in steps of
+    ENGINE_MAX_BATCHED_TOKENS tokens, then waves of at most ENGINE_MAX_NUM_SEQS sequences, each decoding
+    ``response_tokens`` steps (responses at their cap). A decode step takes its bandwidth and compute time on each
+    GPU (a tensor-parallel share of the weights, this GPU's key/value heads of every sequence's cache) or the latency
+    floor, whichever is longer; ``floor_steps`` counts the steps the floor bounds."""
+    t, R = r.gpus, r.response_tokens
+    mp, floor = matmul_params(s), decode_floor_seconds(s)
+    context = r.prompt_tokens + R / 2
+    kv_per_sequence = s.layers * 2 * s.head_size * s.kv_heads_per_gpu(t) * d.weight_bytes * context
+    decode = floor_steps = 0.0
+    left = sequences
+    while left > 0:
+        wave = min(left, ENGINE_MAX_NUM_SEQS)
+        step = ((d.weight_bytes * mp / t + wave * kv_per_sequence) / d.bandwidth
+                + wave * 2 * mp / t / d.decode_flops)
+        decode += R * max(step, floor)
+        floor_steps += R if floor > step else 0
+        left -= wave
+    tokens = prompts * r.prompt_tokens
+    chunks = math.ceil(tokens / ENGINE_MAX_BATCHED_TOKENS)
+    prefill = chunks * max(floor, min(tokens, ENGINE_MAX_BATCHED_TOKENS) * 2 * mp / t / d.dense_flops)
+    return {"decode": decode, "prefill": prefill, "seconds": decode + prefill, "floor_steps": floor_steps,
+            "steps": R * math.ceil(sequences / ENGINE_MAX_NUM_SEQS) if sequences else 0}
+
+
+def paper_passes(algo: str, r: Recipe) -> dict[str, Any]:
+    """What the official code runs per step for ``algo``, per sample token in forward-pass units (a backward is two;
+    no gradient checkpointing: enable_gradient_checkpointing False in both trainer configs), with the micro-batch
+    per GPU of each network. Every method: the actor's update, a reference forward of every sample (main_apo.py and
+    main_ppo.py always map Role.RefPolicy; ray_trainer.py always calls compute_ref_log_prob: A*-PO's regression and
+    GRPO's KL loss read it, PPO's reward penalty too) and the old policy's log-probs recomputed for every sample
+    right after sampling (fsdp_workers_apo.py generate_sequences: 'we should always recompute old_log_probs when it
+    is HybridEngine'). PPO (adv_estimator gae) adds its critic: a forward for the values, then its own update."""
+    if algo not in PAPER_METHODS:
+        raise ConfigError(f"--setup paper costs the paper's methods ({', '.join(PAPER_METHODS)}), not {algo!r}")
+    G = r.group_sizes.get(algo, PAPER_GROUP_SIZES[algo])
+    return {"group_size": G, "policy": 3, "reference": 1, "old_policy": 1.0, "critic": 1 + 3 if algo == "ppo" else 0,
+            "micro_batch": ACTOR_MICRO_BATCH_PER_GPU * G, "critic_micro_batch": max(1, CRITIC_MICRO_BATCH // r.gpus)}
+
+
+def weight_sync_seconds(s: Shape, d: Device, r: Recipe) -> float:
+    """Pushing the actor into the engine before a generate call (sharding_manager/fsdp_vllm.py __enter__): the FSDP
+    state dict's float32 shards, each gathered whole (dtensor_weight_loaders.py: full_tensor()), so every GPU
+    receives (G - 1) / G of the float32 weights over NVLink; the cast into the engine's shard is not counted."""
+    return 4 * s.params() * (r.gpus - 1) / r.gpus / link(d)["bytes_per_s"] if r.gpus > 1 else 0.0
+
+
+def kv_init_seconds(d: Device) -> float:
+    """Building the KV cache before a generate call (free_cache_engine): at most ENGINE_GPU_MEMORY_UTILIZATION of the
+    GPU's memory, written once at the decode bandwidth (an upper bound: zeroed, as vLLM's cache engine allocates)."""
+    return ENGINE_GPU_MEMORY_UTILIZATION * HBM_BYTES[d.name] / d.bandwidth
+
+
+def paper_method_seconds(s: Shape, d: Device, algo: str, r: Recipe) -> dict[str, Any]:
+    """Seconds of one step of ``algo`` as the official code runs it, on ``r.gpus`` GPUs: sampling on the one engine
+    (:func:`engine_generate_seconds`), each training pass in micro-batches per GPU, each micro-batch taking its
+    FLOPs at the training rate or its launches (:func:`train_floor_seconds`), whichever is longer, and the step's
+    fixed costs (weight sync and KV cache). Stage 1 is :func:`method_seconds`' (the authors' model_generate.py runs a
+    plain vLLM engine with CUDA graphs, not the eager trainer's)."""
+    if d.name not in HBM_BYTES:
+        raise ConfigError(f"--setup paper is for a GPU device ({', '.join(HBM_BYTES)}), got {d.name}")
+    p = paper_passes(algo, r)
+    G = p["group_size"]
+    gen = engine_generate_seconds(s, d, r.batch * G, r.batch, r)
+    per_gpu = math.ceil(r.batch * G / r.gpus)
+    seq = r.prompt_tokens + r.response_tokens
+
+    def passes_of(mb: int, backward: bool, head: bool = True) -> float:
+        flops = (3 if backward else 1) * 2 * matmul_params(s, head) * mb * seq
+        return math.ceil(per_gpu / mb) * max(train_floor_seconds(s, backward), flops / d.dense_flops)
+
+    mb, cmb = p["micro_batch"], p["critic_micro_batch"]
+    out: dict[str, Any] = {"group_size": G, "samples_per_step": r.batch * G, "generation": gen["seconds"],
+                           "generation_floor_share": gen["floor_steps"] / gen["steps"] if gen["steps"] else 0.0,
+                           "policy": passes_of(mb, True), "reference": passes_of(mb, False),
+                           "old_policy": passes_of(mb, False),
+                           "critic": passes_of(cmb, False, False) + passes_of(cmb, True, False) if p["critic"] else 0.0,
+                           "weight_sync": weight_sync_seconds(s, d, r), "kv_init": kv_init_seconds(d)}
+    out["train_floor_bound"] = {"forward": train_floor_seconds(s, False) > 2 * matmul_params(s) * mb * seq
+                                / d.dense_flops, "update": train_floor_seconds(s, True) > 6 * matmul_params(s) * mb
+                                * seq / d.dense_flops}
+    out["stage1"] = method_seconds(s, d, "astarpo", r)["stage1"] if algo == "astarpo" else 0.0
+    return out
+
+
+PAPER_PASSES = ("policy", "reference", "old_policy", "critic")
+
+
+def paper_hours(s: Shape, d: Device, r: Recipe, methods: tuple[str, ...] = PAPER_METHODS) -> dict[str, dict[str, Any]]:
+    """Per method, the paper's set-up: hours and their breakdown (Stage 1, sampling, each training pass, the per-step
+    fixed costs, validation and checkpoints over the run)."""
+    steps = r.epochs * r.steps_per_epoch
+    validations = 1 + int(steps // TEST_FREQ) + 1  # before training, every TEST_FREQ steps, at the end
+    val = engine_generate_seconds(s, d, VALIDATION_PROMPTS, VALIDATION_PROMPTS, r)["seconds"]
+    out = {}
+    for algo in methods:
+        sec = paper_method_seconds(s, d, algo, r)
+        saves = int(steps // SAVE_FREQ)
+        ckpt_bytes = 4 * s.params() + (4 * (s.params() - s.vocab * s.hidden * (0 if s.tied else 1))
+                                       if algo == "ppo" else 0)  # the critic has no LM head
+        training = {name: steps * sec[name] / 3600 for name in PAPER_PASSES}
+        row = {"stage1_hours": sec["stage1"] / 3600, "generation_hours": steps * sec["generation"] / 3600,
+               "training_hours": sum(training.values()),
+               "fixed_hours": steps * (sec["weight_sync"] + sec["kv_init"]) / 3600,
+               "validation_hours": validations * (val + sec["weight_sync"] + sec["kv_init"]) / 3600,
+               "checkpoint_hours": saves * ckpt_bytes / CHECKPOINT_WRITE_BYTES_PER_S / 3600}
+        out[algo] = {"hours": sum(row.values()), **row, "training_hours_by_pass": training, "steps": steps,
+                     "group_size": sec["group_size"], "samples_per_step": sec["samples_per_step"],
+                     "validations": validations, "checkpoints": saves,
+                     "step_seconds": sec["generation"] + sum(sec[n] for n in PAPER_PASSES) + sec["weight_sync"]
+                     + sec["kv_init"], "generation_floor_share": sec["generation_floor_share"],
+                     "train_floor_bound": sec["train_floor_bound"]}
+    return out
+
+
+def paper_ratios(h: dict[str, float]) -> dict[str, float]:
+    """A*-PO's hours over each baseline's."""
+    return {b: h["astarpo"] / h[b] for b in PAPER_METHODS if b != "astarpo"}
+
+
+def paper_comparison(d: Device, r: Recipe) -> dict[str, dict[str, Any]]:
+    """For each of the paper's three model sizes: the paper set-up's hours and A*-PO's ratios beside the paper's."""
+    out = {}
+    for model, paper in PAPER_HOURS.items():
+        h = {a: m["hours"] for a, m in paper_hours(SHAPES[model], d, r).items()}
+        mine, theirs = paper_ratios(h), paper_ratios(paper)
+        out[model] = {"model_hours": h, "paper_hours": paper, "model_ratios": mine, "paper_ratios": theirs,
+                      "within_0.15": {b: abs(mine[b] - theirs[b]) <= 0.15 for b in mine}}
+    return out
+
+
+def paper_assumptions(s: Shape, d: Device, r: Recipe) -> dict[str, Any]:
+    """The paper set-up's constants, each with where it comes from (beside :func:`assumptions`' device rates)."""
+    return {
+        "source": "github.com/ZhaolinGao/A-PO at c8823a3 (scripts/apo_math.sh, verl/trainer/config/*.yaml, "
+                  "verl/trainer/{apo,ppo}/ray_trainer.py, verl/workers/fsdp_workers_apo.py, "
+                  "verl/workers/rollout/vllm_rollout/vllm_rollout.py); no GRPO, PPO or REBEL script in it",
+        "group_sizes": {a: f"{r.group_sizes.get(a, g)} ({GROUP_SIZE_SOURCES[g == 1]})"
+                        for a, g in PAPER_GROUP_SIZES.items()},
+        "passes": "every method: reference forward and old log-probs of every sample (verl's hybrid engine), "
+                  "actor update without gradient checkpointing; PPO: critic values forward and critic update",
+        "engine": f"one vLLM 0.6.3 engine, tensor parallel {r.gpus}, eager, KV cache rebuilt per generate call, "
+                  f"max_num_seqs {ENGINE_MAX_NUM_SEQS}, max_num_batched_tokens {ENGINE_MAX_BATCHED_TOKENS}, "
+                  f"gpu_memory_utilization {ENGINE_GPU_MEMORY_UTILIZATION} (apo_trainer.yaml, apo_math.sh)",
+        "micro_batches": f"actor, old log-probs, reference: {ACTOR_MICRO_BATCH_PER_GPU} x n sequences per GPU "
+                         f"(apo_math.sh, fsdp_workers_apo.py); critic: {CRITIC_MICRO_BATCH} / GPUs "
+                         "(ppo_trainer.yaml critic.ppo_micro_batch_size)",
+        "launch_seconds": f"{LAUNCH_SECONDS * 1e6:.0f} us per eager kernel launch (assumption: no documented "
+                          "per-token latency of a TP-4 eager engine found; NVIDIA CUDA Graphs guide, Modal GPU "
+                          "glossary, eager PyTorch per-op host path 5-25 us)",
+        "decode_floor_seconds": f"{decode_floor_seconds(s) * 1e3:.2f} ms = {DECODE_LAUNCHES_PER_LAYER} launches x "
+                                f"{s.layers} layers + {DECODE_LAUNCHES_PER_STEP} per step (vLLM 0.6.3 Qwen2 decode, "
+                                "counted by hand) x launch",
+        "train_floor_seconds": {"forward": train_floor_seconds(s, False), "update": train_floor_seconds(s, True),
+                                "count": f"{TRAIN_LAUNCHES_PER_LAYER} launches per layer forward, backward "
+                                         f"{TRAIN_BACKWARD_FACTOR}x, {TRAIN_LAUNCHES_PER_PASS} per pass (HF Qwen2 "
+                                         "eager under FSDP, counted by hand)"},
+        "weight_sync_seconds": f"{weight_sync_seconds(s, d, r):.3f} (float32 shards gathered whole over NVLink at "
+                               f"{link(d)['bytes_per_s'] / 1e9:.0f} GB/s; fsdp_vllm.py, dtensor_weight_loaders.py)",
+        "kv_init_seconds": f"{kv_init_seconds(d):.3f} ({ENGINE_GPU_MEMORY_UTILIZATION} x {HBM_BYTES[d.name] / 1e9:.0f}"
+                           " GB written once at the decode bandwidth, an upper bound; free_cache_engine)",
+        "validation": f"{VALIDATION_PROMPTS} MATH test problems, greedy, at the response cap, before training, "
+                      f"every {TEST_FREQ} steps and at the end (apo_math.sh, ray_trainer.py)",
+        "checkpoints": f"every {SAVE_FREQ} steps, float32 actor (and PPO's critic) at "
+                       f"{CHECKPOINT_WRITE_BYTES_PER_S / 1e9:.0f} GB/s (assumption: NVMe datasheets' 3-4 GB/s "
+                       "sequential write, about half for a single-threaded safetensors write)",
+        "device": "rates as the default set-up: datasheet peaks x MFU and decode efficiency (assumptions)",
+        "not_counted": "the engine's per-sequence host work (scheduling, per-token logprobs), Ray's moving of each "
+                       "step's tensors between driver and workers, reward scoring, the allocator's re-mallocs after "
+                       "every empty_cache(), attention FLOPs, the optimizer step, TP all-reduce latency on the GPU",
+        "fitted": "nothing: every constant was fixed before the comparison with the paper's table"}
+
+
+def paper_table(model: str, s: Shape, d: Device, r: Recipe) -> str:
+    """The paper set-up's hours for ``model`` by term, then the three sizes' ratios beside the paper's, then the
+    constants and their sources."""
+    rows = paper_hours(s, d, r)
+    head = (f"{model}, the paper's set-up as the official code runs it (verl + one eager vLLM 0.6.3 engine over "
+            f"{r.gpus} x {d.name}): {r.prompts} prompts x {r.epochs:g} epochs, batch {r.batch} (mini-batch "
+            f"{r.mini_batch}), {r.prompt_tokens} + {r.response_tokens} tokens; hours\n\n")
+    lines = ["| method | samples/prompt | hours | Stage 1 | sampling | policy | reference | old policy | critic | "
+             "per-step fixed | validation | checkpoints | decode steps at the floor |", "|---" * 13 + "|"]
+    for algo, m in rows.items():
+        t = m["training_hours_by_pass"]
+        lines.append(f"| {algo} | {m['group_size']} | {m['hours']:.2f} | {m['stage1_hours']:.2f} | "
+                     f"{m['generation_hours']:.2f} | {t['policy']:.2f} | {t['reference']:.2f} | "
+                     f"{t['old_policy']:.2f} | {t['critic']:.2f} | {m['fixed_hours']:.2f} | "
+                     f"{m['validation_hours']:.2f} | {m['checkpoint_hours']:.2f} | "
+                     f"{m['generation_floor_share']:.0%} |")
+    comp = paper_comparison(d, r)
+    cmp_lines = ["", "A*-PO's hours over each baseline's, the model (paper set-up) beside the paper's table (4 x H100; "
+                 "hours A*-PO / GRPO / PPO / REBEL):", "",
+                 "| model | model hours | paper hours | / GRPO model | paper | / PPO model | paper | / REBEL model | "
+                 "paper |", "|---" * 9 + "|"]
+    for m, c in comp.items():
+        mh, ph = c["model_hours"], c["paper_hours"]
+        hours = lambda h: " / ".join(f"{h[a]:.2f}" for a in PAPER_METHODS)  # noqa: E731
+        cmp_lines.append(f"| {m} | {hours(mh)} | {hours(ph)} | " + " | ".join(
+            f"{c['model_ratios'][b]:.2f} | {c['paper_ratios'][b]:.2f}" for b in ("grpo", "ppo", "rebel")) + " |")
+    a = paper_assumptions(s, d, r)
+    src = ["", "Constants (fixed before the comparison, none fitted to the paper's table):"]
+    for k in ("source", "passes", "engine", "micro_batches", "launch_seconds", "decode_floor_seconds", "validation",
+              "checkpoints", "weight_sync_seconds", "kv_init_seconds", "not_counted"):
+        src.append(f"- {k}: {a[k]}")
+    src.append("- group sizes: " + "; ".join(f"{k} {v}" for k, v in a["group_sizes"].items()))
+    f = a["train_floor_seconds"]
+    src.append(f"- train floor: forward {f['forward'] * 1e3:.1f} ms, update {f['update'] * 1e3:.1f} ms per "
+               f"micro-batch ({f['count']})")
+    return head + "\n".join(lines) + "\n" + "\n".join(cmp_lines) + "\n" + "\n".join(src) + "\n"
 
 
 # ----- the CPU, fitted to the committed bench and checked on what the fit did not see --------------------------

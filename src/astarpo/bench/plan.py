@@ -272,6 +272,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu: rates fitted to the committed CPU bench (SmolLM2-135M, float32)")
     t.add_argument("--mfu", type=float, help="GPU training FLOP utilisation (default 0.4)")
     t.add_argument("--decode-efficiency", type=float, help="GPU share of peak bandwidth/FLOPs decoding (default 0.5)")
+    t.add_argument("--setup", choices=("astarpo", "paper"), default="astarpo",
+                   help="astarpo: the passes this implementation runs; paper: as the paper's official code runs "
+                        "them (verl, one eager vLLM engine over the GPUs, per-step fixed costs, validation), with the "
+                        "paper's hours and A*-PO's ratios at 1.5B/3B/7B beside the model's")
     t.add_argument("--server-gpus", type=int, default=0, metavar="S",
                    help="A*-PO with S of the GPUs running a vLLM generation server and the rest training (issue "
                         "#29's server mode); 0: today's colocated loop")
