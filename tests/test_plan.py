@@ -13,6 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from astarpo.bench import cost
 from astarpo.bench.plan import QWEN25, Shape, measure, plan, shape_of
 from astarpo.cli import main
+from astarpo.config import ConfigError
 from astarpo.models import add_lora, load_model
 
 SMALL = Shape(128, 2, 4, 2, 344, 2048, tied=True, qkv_bias=True)
@@ -289,3 +290,98 @@ def test_cpu_rates_are_the_committed_bench_fit_and_predict_what_it_did_not_see()
         assert 1 / 1.5 < r["ratio"] < 1.5, r
     out = _cli_json(["plan", "--model", "smollm2-135m-instruct", "--gpus", "1", "--time", "--device", "cpu"])
     assert out["assumptions"]["device"] == "cpu"
+
+
+# ----- `astarpo plan --time --setup paper`: the paper's run as its official code runs it ------------------------
+QWEN7 = QWEN25["qwen2.5-7b"]
+
+
+def test_paper_setup_counts_the_official_codes_passes():
+    """verl's hybrid engine recomputes the old policy's log-probs of every sample and runs the reference forward of
+    every sample for every method (GRPO too, which astarpo runs without either at its defaults), with no gradient
+    checkpointing; PPO adds its critic's values forward and update. Hand-computed for GRPO at 1.5B: 8 samples per
+    GPU per micro-batch, 64 micro-batches per GPU, each a forward of 8 x 1280 tokens at the training rate."""
+    r = cost.Recipe()
+    default = cost.passes("grpo", r)
+    assert default["reference"] == 0 and default["old_policy"] == 0.5 and default["policy"] == 4
+    for algo in cost.PAPER_METHODS:
+        p = cost.paper_passes(algo, r)
+        assert (p["policy"], p["reference"], p["old_policy"]) == (3, 1, 1.0), algo
+        assert p["critic"] == (4 if algo == "ppo" else 0)
+        assert p["micro_batch"] == p["group_size"]  # 1 per GPU x rollout.n
+    assert [cost.paper_passes(a, r)["group_size"] for a in cost.PAPER_METHODS] == [1, 8, 1, 2]
+    sec = cost.paper_method_seconds(QWEN15, H100, "grpo", r)
+    forward = 64 * 2 * cost.matmul_params(QWEN15) * 8 * 1280 / H100.dense_flops
+    assert sec["reference"] == pytest.approx(forward) and sec["old_policy"] == pytest.approx(forward)
+    assert sec["policy"] == pytest.approx(3 * forward) and sec["critic"] == 0
+    ppo = cost.paper_method_seconds(QWEN7, H100, "ppo", r)  # critic: 16 per GPU, no LM head, 4 micro-batches
+    assert ppo["critic"] == pytest.approx(4 * 4 * 2 * cost.matmul_params(QWEN7, head=False) * 16 * 1280
+                                          / H100.dense_flops)
+    with pytest.raises(ConfigError, match="the paper's methods"):
+        cost.paper_passes("rloo", r)
+
+
+def test_paper_setup_latency_floor_binds_when_the_decode_is_small():
+    """An eager step cannot take less than its kernel launches: (13 per layer x 28 + 30) x 10 us for Qwen2.5-1.5B.
+    One sequence decodes at the floor for every step; 1024 sequences of a 7B model are bandwidth-bound above it."""
+    floor = (13 * 28 + 30) * 10e-6
+    assert cost.decode_floor_seconds(QWEN15) == pytest.approx(floor)
+    r = cost.Recipe()
+    one = cost.engine_generate_seconds(QWEN15, H100, 1, 1, r)
+    assert one["decode"] == pytest.approx(1024 * floor) and one["floor_steps"] == 1024 == one["steps"]
+    many = cost.engine_generate_seconds(QWEN7, H100, 2048, 256, r)
+    assert many["floor_steps"] == 0 and many["steps"] == 2 * 1024  # two waves of max_num_seqs 1024
+    assert many["decode"] > 2 * 1024 * cost.decode_floor_seconds(QWEN7)
+    # A*-PO at 1.5B: the engine's 256 sequences and the trainer's micro-batches of one sequence sit at their floors.
+    sec = cost.paper_method_seconds(QWEN15, H100, "astarpo", r)
+    assert sec["generation_floor_share"] == 1.0
+    assert sec["policy"] == pytest.approx(64 * cost.train_floor_seconds(QWEN15, True))
+    assert sec["reference"] == pytest.approx(64 * cost.train_floor_seconds(QWEN15, False))
+
+
+def test_paper_setup_fixed_costs_add_per_step_and_per_run():
+    """Every step pays the weight sync (float32 shards gathered over NVLink: 3/4 of 4 bytes per parameter at one
+    direction's 450 GB/s x 0.8) and the KV cache (0.4 x 80 GB at the decode bandwidth); the run pays 16
+    validations (before, every 50 of 725 steps, at the end) and 14 float32 checkpoints, PPO's with its critic."""
+    r = cost.Recipe()
+    sync = 4 * QWEN15.params() * 3 / 4 / (450e9 * 0.8)
+    assert cost.weight_sync_seconds(QWEN15, H100, r) == pytest.approx(sync)
+    assert cost.kv_init_seconds(H100) == pytest.approx(0.4 * 80e9 / H100.bandwidth)
+    h, twice = cost.paper_hours(QWEN15, H100, r), cost.paper_hours(QWEN15, H100, replace(r, epochs=50))
+    for algo, m in h.items():
+        assert m["fixed_hours"] == pytest.approx(725 * (sync + cost.kv_init_seconds(H100)) / 3600)
+        assert twice[algo]["fixed_hours"] == pytest.approx(2 * m["fixed_hours"])
+        assert (m["validations"], m["checkpoints"]) == (16, 14)
+        assert m["hours"] == pytest.approx(m["stage1_hours"] + m["generation_hours"] + m["training_hours"]
+                                           + m["fixed_hours"] + m["validation_hours"] + m["checkpoint_hours"])
+        assert m["validation_hours"] > 0 and m["training_hours"] == pytest.approx(
+            sum(m["training_hours_by_pass"].values()))
+    assert h["ppo"]["checkpoint_hours"] > h["astarpo"]["checkpoint_hours"] == pytest.approx(
+        14 * 4 * QWEN15.params() / 2e9 / 3600)
+
+
+def test_paper_setup_table_shows_the_papers_hours_and_ratios_at_three_sizes(capsys, tmp_path):
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--time", "--setup", "paper",
+                 "--json", str(tmp_path / "paper.json")]) == 0
+    out = capsys.readouterr().out
+    for row in ("| qwen2.5-1.5b | ", "6.92 / 15.01 / 10.84 / 10.33", "| qwen2.5-3b | ", "8.78 / 18.26 / 13.59 / 12.88",
+                "| qwen2.5-7b | ", "11.01 / 20.15 / 20.53 / 14.67"):
+        assert row in out, row
+    for ratio in ("| 0.46 |", "| 0.48 |", "| 0.55 |"):  # the paper's A*-PO / GRPO at 1.5B, 3B, 7B
+        assert ratio in out
+    assert "apo_math.sh" in out and "10 us per eager kernel launch" in out
+    got = json.loads((tmp_path / "paper.json").read_text())
+    assert got["setup"] == "paper" and set(got["methods"]) == set(cost.PAPER_METHODS)
+    assert set(got["comparison"]) == {"qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b"}
+    c = got["comparison"]["qwen2.5-7b"]
+    assert c["paper_ratios"]["ppo"] == pytest.approx(11.01 / 20.53)
+    assert c["model_ratios"]["grpo"] == pytest.approx(c["model_hours"]["astarpo"] / c["model_hours"]["grpo"])
+    assert "launch_seconds" in got["assumptions"]["paper_setup"] and "peak_flops" in got["assumptions"]["sources"]
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--time"]) == 0  # the default set-up is unchanged
+    assert "paper" not in capsys.readouterr().out.split("\n")[0]
+
+
+@pytest.mark.parametrize("flags", [["--device", "cpu"], ["--server-gpus", "1"], ["--async-lag", "0"]])
+def test_paper_setup_refuses_what_the_official_code_does_not_run(flags, capsys):
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--time", "--setup", "paper", *flags]) == 2
+    assert "--setup paper" in capsys.readouterr().err
