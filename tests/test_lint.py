@@ -89,13 +89,14 @@ PIPELINE = ("training/trainer", "values", "evaluate", "distributed")
 
 def test_the_pipeline_asks_the_sampler_not_the_engine_name():
     """Stage 1, Stage 2, evaluation and the strategies ask the engine's class what it can do (uses_policy,
-    owns_weights, can_sleep, ...): a test of ``cfg.engine`` there would need an edit for every new engine."""
+    owns_weights, can_sleep, ...): a test of ``cfg.engine`` or ``cfg.vllm_mode`` there would need an edit for every
+    new engine."""
     offenders = []
     for name in PIPELINE:
         for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text())):
             if isinstance(node, ast.Compare):
                 names = [n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)]
-                if "engine" in names:
+                if {"engine", "vllm_mode"} & set(names):
                     offenders.append(f"{name}.py:{node.lineno}")
     assert not offenders, offenders
 

@@ -320,6 +320,7 @@ class VLLMSampler:
     uses_policy = False  # it samples with its own copy of the weights,
     owns_weights = True  # pushed by load_weights
     starts_together = True  # under a launch, over the launch's process group (the external launcher)
+    provenance: dict[str, Any] = {}
 
     @staticmethod
     def processes_per_engine(cfg: CommonConfig) -> int:

@@ -83,7 +83,8 @@ class Sampler(Protocol):
       policy's (after each update, and on resume).
     - ``starts_together``: under a launch its start is a collective, so every process starts one or none.
     - ``processes_per_engine(cfg)``: how many processes of a launch run one engine (:mod:`astarpo.launch`).
-    - ``weights_dtype(cfg)``: the dtype it samples in, which a values file records.
+    - ``weights_dtype(cfg)``: the dtype it samples in, which a values file records, and ``provenance``: what else
+      a values file records about it (what decides its random stream beyond the engine's name).
     - ``can_sleep`` (a built engine): ``sleep`` frees its memory until the next ``load_weights``.
     """
 
@@ -91,6 +92,7 @@ class Sampler(Protocol):
     owns_weights: bool
     starts_together: bool
     can_sleep: bool
+    provenance: dict[str, Any]
 
     @staticmethod
     def processes_per_engine(cfg: Any) -> int: ...
@@ -125,6 +127,7 @@ class HFSampler:
     owns_weights = False
     starts_together = False
     can_sleep = False
+    provenance: dict[str, Any] = {}
 
     @staticmethod
     def processes_per_engine(cfg: Any) -> int:

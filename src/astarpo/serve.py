@@ -9,7 +9,8 @@ by pi* whatever policy drew the responses (given coverage), with no importance r
 The protocol: HTTP with JSON bodies, one engine behind one lock, so that a request never runs beside a weight push
 (a request that comes during a push waits for it).
 
-- ``GET /health``: the model and its content hash, the engine's dtype and longest sequence, the client, the version.
+- ``GET /health``: the model and its content hash, the engine's dtype and longest sequence, the client, the version,
+  and whether the weights are another's than the model's.
 - ``POST /attach {client}``: a launch claims the server, refused while another client has made a request within
   ``lease_seconds`` (the same client, a resumed run, is not). The engine goes back to the model's own weights,
   version 0: a run starts from them, a resumed run pushes its checkpoint's.
@@ -76,7 +77,7 @@ class _Served:
     def health(self, _body: Any = None) -> dict[str, Any]:
         return {"model": self.cfg.model, "model_hash": self.model_hash, "dtype": str(self.engine.torch_dtype),
                 "max_model_len": self.engine.llm.llm_engine.model_config.max_model_len, "client": self.client,
-                "version": self.version}
+                "version": self.version, "weights_replaced": self.engine.weights_replaced}
 
     def _check(self, body: dict[str, Any]) -> None:
         if body.get("client") != self.client:
@@ -199,6 +200,7 @@ class ServerSampler:
     owns_weights = True
     starts_together = False
     can_sleep = False
+    provenance: dict[str, Any] = {"vllm_mode": "server"}  # one stream, the server's: not a colocated engine's
 
     @staticmethod
     def processes_per_engine(cfg: CommonConfig) -> int:

@@ -194,8 +194,7 @@ def _provenance(cfg: ValuesConfig, model_dir: Path, reward_name: str) -> dict[st
         "shard_size": cfg.shard_size, "engine": cfg.engine,
         "dtype": sampler_class(cfg).weights_dtype(cfg),
     }
-    if cfg.vllm_mode == "server":  # another random stream than colocated engines' (only then: older files match)
-        provenance["vllm_mode"] = "server"
+    provenance.update(sampler_class(cfg).provenance)  # what else decides its random stream
     if cfg.adaptive:  # only then, so that files from fixed-N runs keep matching their settings
         provenance.update(n=None, adaptive=True, round_size=cfg.round_size, n_max=cfg.n_max, beta1=cfg.beta1,
                           confidence=cfg.confidence, tolerance=cfg.tolerance, unsolved_p=cfg.unsolved_p)

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the laun
 from conftest import build_tiny_model  # noqa: E402
 from launcher import ENV, command, kill_tree, launch, launch_and_kill  # noqa: E402
 
-from astarpo import ValuesConfig, compute_values  # noqa: E402
+from astarpo import EvalConfig, ValuesConfig, compute_values  # noqa: E402
 from astarpo.data import step_prompts  # noqa: E402
+from astarpo.evaluate import run_eval  # noqa: E402
 from astarpo.generation import sampling_settings  # noqa: E402
 from astarpo.launch import finish  # noqa: E402
 
@@ -156,19 +157,24 @@ def test_async_lag_holds_its_bound(work, server, stage1):
     assert [e["step"] - 1 - e["policy_version"] for e in ledger] == lags
 
 
-def test_kill_and_resume_loses_nothing(work, server, stage1):
-    """Killed after its second checkpoint and resumed: the server takes the checkpoint's weights again, every step
-    trains once on its own prompts (the ledger), and the losses are the uninterrupted run's (K = 0)."""
-    args = _train(work, "resumed", _server_args(server))
-    launch_and_kill("ddp", args, work, until=work / "resumed" / "checkpoints" / "step-000002")
+@pytest.mark.parametrize("lag", [0, 2])
+def test_kill_and_resume_loses_nothing(work, server, stage1, lag):
+    """Killed after its second checkpoint and resumed: the server takes the checkpoint's weights again, samples in
+    flight are dropped, every step trains once on its own prompts (the ledger) within the lag bound, and with K = 0
+    the losses are the uninterrupted run's."""
+    run = work / f"resumed-{lag}"
+    args = _train(work, run.name, _server_args(server), "--async-lag", str(lag))
+    launch_and_kill("ddp", args, work, until=run / "checkpoints" / "step-000002")
     launch("ddp", args, work)
-    ledger = _read(work / "resumed", "ledger.jsonl")
+    ledger = _read(run, "ledger.jsonl")
     assert [e["step"] for e in ledger] == [1, 2, 3, 4]
     records = pd.read_parquet(work / "v.parquet")["id"].tolist()
     for e in ledger:
         assert e["prompts"] == [records[i] for i in step_prompts(len(records), 4, e["step"] - 1, 0)]
-    assert [m["loss"] for m in _read(work / "resumed")] == pytest.approx(
-        [m["loss"] for m in _read(work / "served")], rel=1e-4, abs=1e-6)
+        assert 0 <= e["step"] - 1 - e["policy_version"] <= lag
+    if lag == 0:
+        assert [m["loss"] for m in _read(run)] == pytest.approx([m["loss"] for m in _read(work / "served")],
+                                                                rel=1e-4, abs=1e-6)
 
 
 def test_lora_run_through_the_server(work, server, stage1):
@@ -178,6 +184,22 @@ def test_lora_run_through_the_server(work, server, stage1):
     metrics = _read(work / "lora")
     assert len(metrics) == 2 and all(m["policy_lag"] <= 1 for m in metrics)
     assert (work / "lora" / "final" / "adapter_config.json").is_file()
+
+
+def test_eval_through_the_server_pushes_the_checkpoint(work, server, stage1):
+    """A trained checkpoint evaluated through the server, whose model is the reference: its weights are pushed,
+    and the greedy answers are those of a colocated engine evaluating the same checkpoint."""
+    common = dict(model=str(work / "served" / "final"), engine="vllm", max_prompt_tokens=64, max_new_tokens=8,
+                  limit=8)
+    served = run_eval(EvalConfig(**common, vllm_mode="server", vllm_server=server.address,
+                                 output=str(work / "eval-served.json")))
+    with urllib.request.urlopen(f"http://{server.address}/health", timeout=10) as reply:
+        assert json.loads(reply.read())["weights_replaced"]
+    finish()  # the client detaches
+    local = run_eval(EvalConfig(**common, vllm_enforce_eager=True, vllm_kv_cache_gb=0.25,
+                                output=str(work / "eval-local.json")))
+    assert [s["greedy"] for s in served["samples"]] == [s["greedy"] for s in local["samples"]]
+    assert served["accuracy"] == local["accuracy"]
 
 
 def test_a_dead_server_stops_the_run_with_an_error(work, server, stage1):
