@@ -141,8 +141,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({"runs": results, "summary": summary}, indent=1))
     head = (f"A*-PO, the paper-regime bench recipe, seeds {a.seeds}: colocated (one process, both cores) against "
             f"`astarpo serve` on core 0 and the trainer on core 1 at async lag K; `generation s/step` is the time a "
-            f"step spent sampling (colocated) or waiting for the server's samples; accuracy on the first "
-            f"{a.eval_limit} held-out problems. {time.strftime('%Y-%m-%d')}, "
+            f"step spent sampling (colocated) or waiting for the server's samples; accuracy on the held-out "
+            f"problems (at most {a.eval_limit}: the arithmetic task has 128). {time.strftime('%Y-%m-%d')}, "
             f"`python benchmarks/async_server.py --seeds {a.seeds} --lags {a.lags}`\n\n")
     out.with_suffix(".md").write_text(head + "\n".join(lines) + "\n")
     print("\n".join(lines))
