@@ -74,7 +74,7 @@ class _Served:
         self.lock = threading.Lock()
         self.version, self.client, self.seen = 0, None, 0.0
 
-    def health(self, _body: Any = None) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return {"model": self.cfg.model, "model_hash": self.model_hash, "dtype": str(self.engine.torch_dtype),
                 "max_model_len": self.engine.llm.llm_engine.model_config.max_model_len, "client": self.client,
                 "version": self.version, "weights_replaced": self.engine.weights_replaced}
